@@ -1,0 +1,170 @@
+"""Real DICOM peers for the tests: Orthanc as the PACS, dcmtk as the modality, dciodvfy.
+
+Every server starts on free loopback ports in a temporary folder and is stopped by the
+fixture that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+CXR_DIR = SHARED_DIR / "data" / "cxr"
+
+# The shared files by role; see shared/data/cxr/README.md for their provenance.
+CHEST_PA_JPEG_BASELINE = CXR_DIR / "siim_cr_chest_pa_mono2_8bit_jpegbaseline.dcm"
+CHEST_PA_J2K = CXR_DIR / "wg04_rg1_philips_cr_chest_pa_mono1_15bit_j2k.dcm"
+CHEST_PA_JPEGLS = CXR_DIR / "wg04_rg1_philips_cr_chest_pa_mono1_15bit_jpegls_nearlossless.dcm"
+CANINE_LATERAL_DX = CXR_DIR / "highdicom_dx_canine_thorax_lateral_forpresentation_mono1_8bit.dcm"
+HIP_CR_RLE = CXR_DIR / "wg04_rg2_fuji_cr_hip_nonchest_mono2_10bit_rle.dcm"
+CHEST_CT = CXR_DIR / "nysbu_ct_chest_toshiba_A046441_19010101_nonCR.dcm"
+
+CHEST_FILES = [CHEST_PA_JPEG_BASELINE, CHEST_PA_J2K, CHEST_PA_JPEGLS]
+NON_CHEST_FILES = [CANINE_LATERAL_DX, HIP_CR_RLE, CHEST_CT]
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_seconds: float = 30.0, host: str = "127.0.0.1") -> None:
+    """Block until something accepts TCP connections on host:port, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_seconds} s")
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc server on loopback, with a small REST client."""
+
+    ae_title: str
+    dicom_port: int
+    http_port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    def get(self, path: str):
+        """GET a REST path (for example '/instances') and return the decoded JSON."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        """GET a REST path and return the raw body (for example '/instances/ID/file')."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as response:
+            return response.read()
+
+    def post(self, path: str, body: bytes | dict | list) -> object:
+        """POST raw bytes or JSON to a REST path and return the decoded JSON reply."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read() or b"null")
+
+    def instances_with_modality(self, modality: str) -> list[dict]:
+        """Return the tags (simplified) of every stored instance whose series has this Modality."""
+        found = []
+        for series_id in self.get("/series"):
+            series = self.get(f"/series/{series_id}")
+            if series["MainDicomTags"].get("Modality") != modality:
+                continue
+            for instance_id in series["Instances"]:
+                found.append(self.get(f"/instances/{instance_id}/simplified-tags") | {"_id": instance_id})
+        return found
+
+    def wait_for_instances(self, modality: str, count: int, timeout_seconds: float) -> list[dict]:
+        """Poll until at least `count` instances of `modality` are stored, or raise TimeoutError."""
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            found = self.instances_with_modality(modality)
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Orthanc holds {len(found)} {modality} instances, expected {count}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the server and wait for it to exit."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_orthanc(workdir: Path, ae_title: str = "ORTHANC", modalities: dict | None = None) -> Orthanc:
+    """Start Orthanc with its storage in `workdir` on free loopback ports and wait until it is up.
+
+    `modalities` is Orthanc's DicomModalities map (name -> [AE title, host, port]), needed
+    only when Orthanc must send to or accept retrieves from another AE.
+    """
+    orthanc_binary = shutil.which("Orthanc")
+    if orthanc_binary is None:
+        raise RuntimeError("Orthanc is not installed: run 'bash scripts/install.sh --test'")
+    workdir.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "libra-node-test",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "DicomAet": ae_title,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomModalities": modalities or {},
+        "Plugins": [],
+        "StableAge": 1,
+    }
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config))
+    log_path = workdir / "orthanc.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [orthanc_binary, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT
+        )
+    orthanc = Orthanc(ae_title, dicom_port, http_port, process, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited at start: {log_path.read_text()[-2000:]}")
+            try:
+                orthanc.get("/system")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("Orthanc did not answer on its HTTP port within 30 s") from None
+                time.sleep(0.2)
+        wait_for_port(dicom_port)
+    except BaseException:
+        orthanc.stop()
+        raise
+    return orthanc
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Run dciodvfy on a file and return its error lines (an empty list means valid)."""
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    return [line for line in output.splitlines() if line.startswith("Error")]
