@@ -1,0 +1,243 @@
+"""Node configuration: one TOML file, validated completely at start.
+
+An invalid file raises `ConfigError`, whose message names the key, the bad value and the
+expected form, so that the node never starts on a half-understood configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+AE_TITLE_MAX_LENGTH = 16
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, is not TOML, or holds an invalid value."""
+
+
+def validate_ae_title(value: str) -> str:
+    """Check an AE title against PS3.5 (AE value representation) and return it stripped.
+
+    An AE title has 1 to 16 characters of the default repertoire, no backslash, no control
+    characters, and is not all spaces. Leading and trailing spaces are not significant.
+
+    Raises
+    ------
+    ValueError
+        When the title breaks one of these rules; the message names the rule.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"an AE title must be a string, not {type(value).__name__}")
+    if len(value) > AE_TITLE_MAX_LENGTH:
+        raise ValueError(f"AE title {value!r} has {len(value)} characters; the maximum is 16")
+    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in value):
+        raise ValueError(f"AE title {value!r} contains a control character")
+    if "\\" in value:
+        raise ValueError(f"AE title {value!r} contains a backslash")
+    if any(ord(character) > 0x7E for character in value):
+        raise ValueError(f"AE title {value!r} contains a character outside ASCII")
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError("AE title is empty or all spaces; give 1 to 16 characters")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(validate_ae_title)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SRClass(str, Enum):
+    """The SR storage SOP class written for a destination."""
+
+    ENHANCED = "enhanced"
+    COMPREHENSIVE = "comprehensive"
+    BASIC_TEXT = "basic_text"
+
+
+class NodeSettings(_Section):
+    """The `[node]` table: identity, listener and storage."""
+
+    ae_title: AETitle = "LIBRA_NODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    study_stable_seconds: float = Field(default=30.0, ge=0)
+    max_associations: int = Field(default=20, ge=1)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_pdu_bytes: int = Field(default=262144, ge=0)
+    free_disk_reserve_mb: int = Field(default=1024, ge=0)
+    max_prior_age_days: int = Field(default=3650, ge=1)
+    stability_check_seconds: float = Field(default=0.5, gt=0)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_bind_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address such as 0.0.0.0 or 127.0.0.1") from exc
+        return value
+
+
+class CallerSettings(_Section):
+    """One `[[callers]]` entry: a calling AE title allowed to store, optionally from one host."""
+
+    ae_title: AETitle
+    host: str = ""
+
+
+class DestinationSettings(_Section):
+    """One `[[destinations]]` entry: a PACS that receives the draft SRs."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sr_class: SRClass = SRClass.ENHANCED
+    max_attempts: int = Field(default=10, ge=1)
+    retry_backoff_seconds: float = Field(default=5.0, gt=0)
+    max_backoff_seconds: float = Field(default=600.0, gt=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class ModelSettings(_Section):
+    """The `[model]` table: which Libra checkpoint writes the drafts, and how."""
+
+    path: str = ""
+    vision_tower_path: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = Field(default=256, ge=1, le=4096)
+    dicom_conversion: Literal["mimic", "released"] = "mimic"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not value.startswith("cuda"):
+            raise ValueError(f"{value!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+
+class RoutingSettings(_Section):
+    """The `[routing]` table: which studies get a draft report."""
+
+    modalities: list[str] = ["CR", "DX"]
+    body_parts: list[str] = ["CHEST", "THORAX"]
+    description_keywords: list[str] = ["CHEST", "THORAX", "CXR", "LUNG"]
+
+
+class WorkerSettings(_Section):
+    """The `[worker]` table: report jobs."""
+
+    enabled: bool = True
+    max_attempts: int = Field(default=3, ge=1)
+    lease_seconds: float = Field(default=300.0, gt=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
+class ReportSettings(_Section):
+    """The `[report]` table: the SR series the node writes."""
+
+    series_number: int = Field(default=9901, ge=0)
+    series_description: str = Field(default="AI DRAFT - NOT VERIFIED", max_length=64)
+    manufacturer: str = "libra-node project"
+    institution_name: str = ""
+
+
+class LoggingSettings(_Section):
+    """The `[logging]` table."""
+
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class NodeConfig(_Section):
+    """The whole configuration file."""
+
+    node: NodeSettings = NodeSettings()
+    callers: list[CallerSettings] = []
+    destinations: list[DestinationSettings] = []
+    model: ModelSettings = ModelSettings()
+    routing: RoutingSettings = RoutingSettings()
+    worker: WorkerSettings = WorkerSettings()
+    report: ReportSettings = ReportSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _check_unique_names(self) -> "NodeConfig":
+        names = [destination.name for destination in self.destinations]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def resolve_paths(self, base_dir: Path) -> "NodeConfig":
+        """Return a copy whose relative `data_dir` is resolved against `base_dir`."""
+        data_dir = self.node.data_dir if self.node.data_dir.is_absolute() else base_dir / self.node.data_dir
+        return self.model_copy(update={"node": self.node.model_copy(update={"data_dir": data_dir.resolve()})})
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL of the index: the configured one, or SQLite in `data_dir`."""
+        if self.node.database_url:
+            return self.node.database_url
+        return f"sqlite:///{self.node.data_dir / 'index.sqlite3'}"
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key; check its spelling against config/node.toml"
+    if error["type"] == "missing":
+        return f"{location}: required key is missing"
+    return f"{location} = {error.get('input')!r}: {message}"
+
+
+def parse_config(data: dict[str, Any], source: str = "configuration") -> NodeConfig:
+    """Validate a parsed TOML document and return the configuration.
+
+    Raises
+    ------
+    ConfigError
+        With one line per invalid key: the key, its value and the expected form.
+    """
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe_error(error) for error in exc.errors()]
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from exc
+
+
+def load_config(path: Path | str) -> NodeConfig:
+    """Read and validate a TOML configuration file.
+
+    A relative `data_dir` is taken relative to the folder that holds the file.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, is not valid TOML, or holds an invalid value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file {path} not found; copy config/node.toml and edit it") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    return parse_config(data, source=f"configuration file {path}").resolve_paths(path.parent.resolve())

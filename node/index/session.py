@@ -1,0 +1,108 @@
+"""Database engine and sessions for the index (SQLite by default, PostgreSQL for several machines).
+
+SQLite runs in WAL mode with a busy timeout, and every write transaction starts with
+BEGIN IMMEDIATE, so concurrent writers queue for the lock instead of failing with
+"database is locked" when a reader upgrades to a writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.index.models import AuditEvent, Base
+
+log = structlog.get_logger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, connection_record):
+        # The driver's own transaction handling is turned off so that "begin" below decides.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class IndexDatabase:
+    """The index's engine and session factory.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL, for example ``sqlite:////var/lib/libra/index.sqlite3`` or
+        ``postgresql+psycopg://node@db/libra``.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self.is_sqlite and self.url.database:
+            database_path = Path(self.url.database)
+            database_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not database_path.exists():
+                # Created here so that the index is readable by the node's user only.
+                os.close(os.open(database_path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            _configure_sqlite(self.engine)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        """Create missing tables."""
+        # TODO: schema changes go through create_all only; an existing database does not
+        # get new columns until Alembic migrations replace this.
+        Base.metadata.create_all(self.engine)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """Yield a session inside one transaction, committed on exit and rolled back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        """Close all pooled connections."""
+        self.engine.dispose()
+
+
+def record_audit(
+    session: Session,
+    *,
+    entity: str,
+    entity_id: int,
+    to_state: str,
+    actor: str,
+    from_state: str = "",
+    reason: str = "",
+    study_instance_uid: str = "",
+) -> None:
+    """Add an audit row for a state change to the session's transaction."""
+    session.add(
+        AuditEvent(
+            entity=entity,
+            entity_id=entity_id,
+            from_state=from_state,
+            to_state=to_state,
+            actor=actor,
+            reason=reason,
+            study_instance_uid=study_instance_uid,
+        )
+    )

@@ -1,0 +1,443 @@
+"""Receiver: the node's Verification SCP and Storage SCP (pynetdicom).
+
+Promise: a C-STORE gets Success (0x0000) only after the instance is durably written (fsync,
+atomic rename) and indexed in one committed transaction. Every other outcome gets the named
+DIMSE status of its cause and a log line with the SOP Instance UID, never patient names or IDs.
+Associations are accepted only from configured calling AE titles (optionally bound to a host)
+and only when the called AE title is the node's own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import IntegrityError
+
+from node.config import CallerSettings, NodeConfig
+from node.dimse_status import DimseStatus, status_name
+from node.headers import InstanceHeader, UnreadableDatasetError, header_from_dataset, read_dataset_header
+from node.index.records import find_instance, record_instance
+from node.index.session import IndexDatabase
+from node.log_config import patient_hash
+from node.store import FileStore, InvalidUIDError, check_uid, sha256_file
+
+log = structlog.get_logger(__name__)
+
+# Storage SOP classes of the images a chest radiograph study contains.
+COMPUTED_RADIOGRAPHY_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DIGITAL_XRAY_IMAGE_STORAGE_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DIGITAL_XRAY_IMAGE_STORAGE_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7.2"
+MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7.3"
+
+ACCEPTED_STORAGE_SOP_CLASSES = (
+    COMPUTED_RADIOGRAPHY_IMAGE_STORAGE,
+    DIGITAL_XRAY_IMAGE_STORAGE_FOR_PRESENTATION,
+    DIGITAL_XRAY_IMAGE_STORAGE_FOR_PROCESSING,
+    SECONDARY_CAPTURE_IMAGE_STORAGE,
+    MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE,
+    MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE,
+)
+SECONDARY_CAPTURE_SOP_CLASSES = frozenset(ACCEPTED_STORAGE_SOP_CLASSES[3:])
+# Secondary Capture is accepted only for these modalities, as exported by CR/DX systems.
+SECONDARY_CAPTURE_MODALITIES = frozenset({"CR", "DX"})
+
+ACCEPTED_TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+# A-ASSOCIATE-RJ (result, source, reason) triples of PS3.8 9.3.4.
+REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
+REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
+ERROR_COMMENT_MAX_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The status of one C-STORE and the reason logged with it."""
+
+    status: DimseStatus
+    reason: str = ""
+
+
+class StoreRejected(Exception):
+    """An expected C-STORE failure, carrying its DIMSE status."""
+
+    def __init__(self, status: DimseStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _check_caller(calling_ae_title: str, peer_host: str, callers: list[CallerSettings]) -> bool:
+    if not callers:
+        return True
+    for caller in callers:
+        if caller.ae_title == calling_ae_title and (not caller.host or caller.host == peer_host):
+            return True
+    return False
+
+
+class Receiver:
+    """The DICOM listener: association checks and the C-ECHO and C-STORE handlers.
+
+    Parameters
+    ----------
+    config
+        The node configuration (AE title, port, callers, timeouts).
+    store, index
+        Where instances are written and indexed.
+    hash_key
+        The key of the patient hashes in log lines.
+    on_instance_stored
+        Called after each successful C-STORE with the study UID (used by tests and metrics).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: FileStore,
+        index: IndexDatabase,
+        hash_key: bytes,
+        on_instance_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.index = index
+        self.hash_key = hash_key
+        self.on_instance_stored = on_instance_stored
+        self._server = None
+        self._previous_tempdir: str | None = None
+        self._actor = f"receiver:{os.getpid()}"
+
+    # -- association -----------------------------------------------------------------------
+
+    def _build_ae(self) -> AE:
+        settings = self.config.node
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_associations = settings.max_associations
+        ae.acse_timeout = settings.acse_timeout_seconds
+        ae.dimse_timeout = settings.dimse_timeout_seconds
+        ae.network_timeout = settings.network_timeout_seconds
+        ae.maximum_pdu_size = settings.max_pdu_bytes
+        # Called AE and calling AE (with host) are checked in _on_requested, where the
+        # rejection can be logged with the peer's address.
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification)
+        for sop_class_uid in ACCEPTED_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class_uid, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        """Start listening in background threads; returns once the port is bound."""
+        # Received data sets are written straight to a temporary file on the store's file
+        # system, so an instance is never held whole in memory and the final move is a rename.
+        # NOTE: pynetdicom takes both settings process-wide, so all receivers of one process
+        # share them; the temporary folder is restored on stop.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self._previous_tempdir = tempfile.tempdir
+        tempfile.tempdir = str(self.store.incoming_dir)
+        settings = self.config.node
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        self._server = self._build_ae().start_server(
+            (settings.bind_address, settings.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "receiver.listening",
+            called_ae_title=settings.ae_title,
+            bind_address=settings.bind_address,
+            port=self.port,
+        )
+
+    @property
+    def port(self) -> int:
+        """The TCP port the listener is bound to."""
+        return self._server.server_address[1] if self._server else self.config.node.port
+
+    def stop(self) -> None:
+        """Stop accepting associations and close the listener."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            tempfile.tempdir = self._previous_tempdir
+            log.info("receiver.stopped")
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling_ae_title = assoc.requestor.primitive.calling_ae_title.strip()
+        called_ae_title = assoc.requestor.primitive.called_ae_title.strip()
+        peer_host = assoc.requestor.address
+        context = {
+            "calling_ae_title": calling_ae_title,
+            "called_ae_title": called_ae_title,
+            "peer_host": peer_host,
+            "peer_port": assoc.requestor.port,
+        }
+        if called_ae_title != self.config.node.ae_title:
+            reason = f"called AE title is not the node's own ({self.config.node.ae_title})"
+            rejection = REJECT_CALLED_AE_NOT_RECOGNIZED
+        elif not _check_caller(calling_ae_title, peer_host, self.config.callers):
+            reason = (
+                f"calling AE title {calling_ae_title!r} from {peer_host} is not allowed; "
+                f"add a [[callers]] entry for it"
+            )
+            rejection = REJECT_CALLING_AE_NOT_RECOGNIZED
+        else:
+            return
+        log.warning("receiver.association_rejected", reason=reason, **context)
+        assoc.acse.send_reject(*rejection)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        context = {
+            "calling_ae_title": assoc.requestor.ae_title.strip(),
+            "peer_host": assoc.requestor.address,
+            "peer_port": assoc.requestor.port,
+        }
+        log.info("receiver.association_accepted", **context)
+        for presentation_context in assoc.rejected_contexts:
+            log.warning(
+                "receiver.presentation_context_rejected",
+                sop_class_uid=str(presentation_context.abstract_syntax),
+                transfer_syntaxes=[str(syntax) for syntax in presentation_context.transfer_syntax],
+                reason="SOP class or transfer syntax not stored by the node",
+                **context,
+            )
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # pynetdicom rejects by itself only when the association limit is exceeded.
+        primitive = event.assoc.requestor.primitive
+        log.warning(
+            "receiver.association_rejected",
+            reason=f"more than {self.config.node.max_associations} simultaneous associations",
+            calling_ae_title=primitive.calling_ae_title.strip() if primitive else "",
+            peer_host=event.assoc.requestor.address,
+        )
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        log.warning(
+            "receiver.association_aborted",
+            calling_ae_title=event.assoc.requestor.ae_title.strip(),
+            peer_host=event.assoc.requestor.address,
+        )
+
+    # -- services --------------------------------------------------------------------------
+
+    def _on_c_echo(self, event: evt.Event) -> int:
+        """Handle a C-ECHO request.
+
+        Returns SUCCESS (0x0000): the association checks already passed.
+        """
+        log.info(
+            "receiver.echo_answered",
+            calling_ae_title=event.assoc.requestor.ae_title.strip(),
+            peer_host=event.assoc.requestor.address,
+        )
+        return DimseStatus.SUCCESS
+
+    def _on_c_store(self, event: evt.Event) -> int | Dataset:
+        """Handle a C-STORE request: check, write durably, index, then answer.
+
+        Statuses returned (PS3.4 B.2.3, PS3.7 C):
+
+        - SUCCESS (0x0000): stored, fsynced and indexed; or an identical copy was stored before.
+        - OUT_OF_RESOURCES (0xA700): free disk is below the configured reserve.
+        - CANNOT_UNDERSTAND (0xC000): the data set does not parse or is cut short.
+        - DATA_SET_DOES_NOT_MATCH_SOP_CLASS (0xA900): a UID is missing or invalid, or the data
+          set's SOP Class/Instance UID differs from the request's.
+        - SOP_CLASS_NOT_SUPPORTED (0x0122): Secondary Capture whose Modality is not CR or DX.
+        - DUPLICATE_SOP_INSTANCE (0x0111): this SOP Instance UID is stored with other content;
+          the first copy is kept.
+        - PROCESSING_FAILURE (0x0110): an unexpected error while writing or indexing.
+        """
+        request = event.request
+        calling_ae_title = event.assoc.requestor.ae_title.strip()
+        log_context = {
+            "sop_instance_uid": str(request.AffectedSOPInstanceUID or ""),
+            "sop_class_uid": str(request.AffectedSOPClassUID or ""),
+            "calling_ae_title": calling_ae_title,
+            "peer_host": event.assoc.requestor.address,
+        }
+        try:
+            outcome = self._store(event, calling_ae_title)
+        except StoreRejected as rejection:
+            outcome = StoreOutcome(rejection.status, rejection.reason)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the peer as a status
+            log.error("receiver.store_failed", exc_info=exc, **log_context)
+            outcome = StoreOutcome(DimseStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+
+        status_context = {"status": f"0x{outcome.status:04X}", "status_name": status_name(outcome.status)}
+        if outcome.status == DimseStatus.SUCCESS:
+            return DimseStatus.SUCCESS
+        if outcome.status != DimseStatus.PROCESSING_FAILURE:
+            log.warning("receiver.instance_rejected", reason=outcome.reason, **log_context, **status_context)
+        return _status_with_comment(outcome.status, outcome.reason)
+
+    def _store(self, event: evt.Event, calling_ae_title: str) -> StoreOutcome:
+        request = event.request
+        temporary_path = Path(event.dataset_path)
+        if not self.store.has_free_space():
+            raise StoreRejected(
+                DimseStatus.OUT_OF_RESOURCES,
+                f"free disk below the reserve of {self.config.node.free_disk_reserve_mb} MB",
+            )
+
+        try:
+            dataset = read_dataset_header(temporary_path)
+        except UnreadableDatasetError as exc:
+            raise StoreRejected(DimseStatus.CANNOT_UNDERSTAND, str(exc)) from exc
+        header = header_from_dataset(dataset)
+        del dataset
+        self._check_identity(header, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+
+        try:
+            relative_path = self.store.relative_path(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+        except InvalidUIDError as exc:
+            raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+
+        with self.index.transaction() as session:
+            existing = find_instance(session, header.sop_instance_uid)
+            existing_path = existing.file_path if existing is not None else None
+        if existing_path is not None:
+            return self._store_duplicate(temporary_path, Path(existing_path), header)
+
+        file_size = temporary_path.stat().st_size
+        try:
+            final_path = self.store.commit_file(temporary_path, relative_path)
+        except FileExistsError:
+            # Another association stored the same instance a moment ago.
+            return self._store_duplicate(temporary_path, relative_path, header)
+
+        hashed_patient = patient_hash(self.hash_key, header.patient_id, header.issuer_of_patient_id)
+        try:
+            with self.index.transaction() as session:
+                record_instance(
+                    session,
+                    header,
+                    file_path=str(relative_path),
+                    file_size=file_size,
+                    calling_ae_title=calling_ae_title,
+                    patient_hash=hashed_patient,
+                    stable_after=dt.timedelta(seconds=self.config.node.study_stable_seconds),
+                    actor=self._actor,
+                )
+        except IntegrityError:
+            # A concurrent association indexed this SOP Instance UID first; its file is ours.
+            self.store.remove(relative_path)
+            raise StoreRejected(
+                DimseStatus.PROCESSING_FAILURE, "the same instance was being stored concurrently; retry"
+            ) from None
+        except BaseException:
+            final_path.unlink(missing_ok=True)
+            raise
+
+        log.info(
+            "receiver.instance_stored",
+            sop_instance_uid=header.sop_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            calling_ae_title=calling_ae_title,
+            patient_hash=hashed_patient,
+            file_size=file_size,
+        )
+        if self.on_instance_stored is not None:
+            self.on_instance_stored(header.study_instance_uid)
+        return StoreOutcome(DimseStatus.SUCCESS)
+
+    def _check_identity(self, header: InstanceHeader, request_sop_class_uid: str, request_sop_instance_uid: str) -> None:
+        for keyword, value in (
+            ("SOPClassUID", header.sop_class_uid),
+            ("SOPInstanceUID", header.sop_instance_uid),
+            ("StudyInstanceUID", header.study_instance_uid),
+            ("SeriesInstanceUID", header.series_instance_uid),
+        ):
+            if not value:
+                raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing")
+            try:
+                check_uid(keyword, value)
+            except InvalidUIDError as exc:
+                raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+        if header.sop_class_uid != request_sop_class_uid:
+            raise StoreRejected(
+                DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                f"SOPClassUID {header.sop_class_uid} differs from the request's {request_sop_class_uid}",
+            )
+        if header.sop_instance_uid != request_sop_instance_uid:
+            raise StoreRejected(
+                DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                f"SOPInstanceUID {header.sop_instance_uid} differs from the request's {request_sop_instance_uid}",
+            )
+        if header.sop_class_uid in SECONDARY_CAPTURE_SOP_CLASSES and header.modality not in SECONDARY_CAPTURE_MODALITIES:
+            raise StoreRejected(
+                DimseStatus.SOP_CLASS_NOT_SUPPORTED,
+                f"Secondary Capture is stored only with Modality CR or DX, not {header.modality or 'empty'}",
+            )
+
+    def _store_duplicate(self, temporary_path: Path, existing_relative_path: Path, header: InstanceHeader) -> StoreOutcome:
+        existing_path = self.store.absolute(existing_relative_path)
+        same_content = existing_path.exists() and sha256_file(existing_path) == sha256_file(temporary_path)
+        if same_content:
+            log.info("receiver.duplicate_ignored", sop_instance_uid=header.sop_instance_uid)
+            return StoreOutcome(DimseStatus.SUCCESS)
+        raise StoreRejected(
+            DimseStatus.DUPLICATE_SOP_INSTANCE,
+            "an instance with this SOP Instance UID and different content is stored; the first copy is kept",
+        )
+
+
+def _status_with_comment(status: DimseStatus, reason: str) -> Dataset:
+    """Return a C-STORE response status with an Error Comment (LO, at most 64 characters)."""
+    response = Dataset()
+    response.Status = int(status)
+    response.ErrorComment = reason[:ERROR_COMMENT_MAX_LENGTH]
+    return response

@@ -1,0 +1,164 @@
+"""Study-stable timer: a study is complete when no instance arrived for `study_stable_seconds`.
+
+The deadline of each study is a column of the index, pushed forward by every instance, so a
+restart loses none. An APScheduler job checks for passed deadlines; each stable study is
+routed and, when it qualifies, turned into a report job in the same transaction. On
+PostgreSQL the study row is locked with SKIP LOCKED, so that exactly one process turns a
+study into a job when several receivers share the index.
+"""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.config import NodeConfig
+from node.index.models import Instance, JobState, ReportJob, Series, Study, StudyState, utc_now
+from node.index.session import IndexDatabase, record_audit
+from node.routing import RoutedImage, route_study
+
+log = structlog.get_logger(__name__)
+
+_BATCH_SIZE = 50
+
+
+def _routed_images(session: Session, study: Study) -> list[RoutedImage]:
+    rows = session.execute(
+        select(Instance, Series).join(Series, Instance.series_fk == Series.id).where(Series.study_fk == study.id)
+    ).all()
+    return [
+        RoutedImage(
+            sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=instance.sop_class_uid,
+            modality=series.modality,
+            body_part_examined=series.body_part_examined,
+            series_description=series.series_description,
+            view_position=instance.view_position,
+            view_code_value=instance.view_code_value,
+            view_code_meaning=instance.view_code_meaning,
+            image_comments=instance.image_comments,
+            instance_number=instance.instance_number,
+        )
+        for instance, series in rows
+    ]
+
+
+class StabilityTimer:
+    """Turns studies whose stable deadline has passed into report jobs or skipped studies."""
+
+    def __init__(self, config: NodeConfig, index: IndexDatabase) -> None:
+        self.config = config
+        self.index = index
+        self._actor = f"stability:{os.getpid()}"
+        self._scheduler: BackgroundScheduler | None = None
+
+    def start(self) -> None:
+        """Check deadlines now and then every `stability_check_seconds` in a background thread."""
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(
+            self.process_stable_studies,
+            "interval",
+            seconds=self.config.node.stability_check_seconds,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=utc_now(),
+            id="study-stable-check",
+        )
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        """Stop the scheduler, waiting for a running check to finish."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+
+    def process_stable_studies(self) -> int:
+        """Route every study whose deadline has passed; return how many were processed."""
+        processed = 0
+        try:
+            while True:
+                batch = self._process_batch()
+                processed += batch
+                if batch < _BATCH_SIZE:
+                    return processed
+        except Exception as exc:  # noqa: BLE001 - the scheduler must keep running; logged
+            log.error("stability.check_failed", exc_info=exc)
+            return processed
+
+    def _process_batch(self) -> int:
+        with self.index.transaction() as session:
+            query = (
+                select(Study)
+                .where(Study.state == StudyState.RECEIVING, Study.stable_deadline <= utc_now())
+                .order_by(Study.stable_deadline)
+                .limit(_BATCH_SIZE)
+            )
+            if not self.index.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            studies = session.scalars(query).all()
+            for study in studies:
+                self._route(session, study)
+            return len(studies)
+
+    def _route(self, session: Session, study: Study) -> None:
+        decision = route_study(_routed_images(session, study), study.study_description, self.config.routing)
+        previous_state = study.state.value
+        study.stable_deadline = None
+        context = {"study_instance_uid": study.study_instance_uid, "instance_count": study.instance_count}
+        if not decision.is_reported:
+            study.state = StudyState.SKIPPED
+            study.state_reason = decision.reason
+            record_audit(
+                session,
+                entity="study",
+                entity_id=study.id,
+                from_state=previous_state,
+                to_state=study.state.value,
+                actor=self._actor,
+                reason=decision.reason,
+                study_instance_uid=study.study_instance_uid,
+            )
+            log.info("study.skipped", reason=decision.reason, **context)
+            return
+
+        study.frontal_sop_instance_uid = decision.frontal_sop_instance_uid
+        study.frontal_reason = decision.frontal_reason
+        open_job = session.scalars(
+            select(ReportJob).where(ReportJob.study_fk == study.id, ReportJob.state == JobState.QUEUED)
+        ).first()
+        if open_job is None:
+            open_job = ReportJob(study_fk=study.id, state=JobState.QUEUED)
+            session.add(open_job)
+            session.flush()
+            record_audit(
+                session,
+                entity="job",
+                entity_id=open_job.id,
+                to_state=JobState.QUEUED.value,
+                actor=self._actor,
+                reason="study stable",
+                study_instance_uid=study.study_instance_uid,
+            )
+        study.state = StudyState.QUEUED
+        study.state_reason = ""
+        record_audit(
+            session,
+            entity="study",
+            entity_id=study.id,
+            from_state=previous_state,
+            to_state=study.state.value,
+            actor=self._actor,
+            reason=f"stable; frontal image {decision.frontal_sop_instance_uid} by {decision.frontal_reason}",
+            study_instance_uid=study.study_instance_uid,
+        )
+        log.info(
+            "study.queued",
+            job_id=open_job.id,
+            frontal_sop_instance_uid=decision.frontal_sop_instance_uid,
+            frontal_reason=decision.frontal_reason,
+            **context,
+        )
