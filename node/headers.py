@@ -68,7 +68,7 @@ def _integer(dataset: Dataset, keyword: str) -> int | None:
 
 
 def _check_pixel_data_complete(path: Path, dataset: Dataset) -> None:
-    element = dataset.get_item("PixelData") if "PixelData" in dataset else None
+    element = dataset.get_item("PixelData", keep_deferred=True) if "PixelData" in dataset else None
     value_tell = getattr(element, "value_tell", None)
     length = getattr(element, "length", None)
     if value_tell is None or length in (None, 0xFFFFFFFF):
@@ -93,11 +93,9 @@ def read_dataset_header(path: Path) -> Dataset:
     """
     try:
         dataset = pydicom.dcmread(path, defer_size=_DEFER_SIZE_BYTES)
-        # Force every element header to be parsed now, so that errors surface here.
-        for _ in dataset.iterall():
-            pass
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise UnreadableDatasetError(f"the data set cannot be parsed: {exc}") from exc
+    # Checked before any element is converted: converting a deferred element reads its value.
     _check_pixel_data_complete(path, dataset)
     return dataset
 
@@ -106,7 +104,19 @@ def header_from_dataset(dataset: Dataset) -> InstanceHeader:
     """Extract the indexed attributes from a parsed data set.
 
     Missing attributes become empty strings; UIDs are not validated here.
+
+    Raises
+    ------
+    UnreadableDatasetError
+        When an indexed element's value cannot be decoded.
     """
+    try:
+        return _header_from_dataset(dataset)
+    except (ValueError, TypeError, KeyError, IndexError, EOFError, OSError) as exc:
+        raise UnreadableDatasetError(f"an element cannot be decoded: {exc}") from exc
+
+
+def _header_from_dataset(dataset: Dataset) -> InstanceHeader:
     view_code_value = ""
     view_code_meaning = ""
     view_codes = dataset.get("ViewCodeSequence")

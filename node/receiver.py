@@ -329,11 +329,9 @@ class Receiver:
             )
 
         try:
-            dataset = read_dataset_header(temporary_path)
+            header = header_from_dataset(read_dataset_header(temporary_path))
         except UnreadableDatasetError as exc:
             raise StoreRejected(DimseStatus.CANNOT_UNDERSTAND, str(exc)) from exc
-        header = header_from_dataset(dataset)
-        del dataset
         self._check_identity(header, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
 
         try:

@@ -73,9 +73,12 @@ def orthanc_destination(orthanc, **extra) -> dict:
 
 
 def dcmsend(port: int, *files: Path, calling_ae_title: str = MODALITY_AE_TITLE, called_ae_title: str = NODE_AE_TITLE):
-    """Send files with dcmtk's dcmsend, which proposes each file's own transfer syntax."""
+    """Send files with dcmtk's dcmsend, which proposes each file's own transfer syntax.
+
+    dcmsend goes on after a failed file (--no-halt), as a modality sending a study would.
+    """
     return subprocess.run(
-        ["dcmsend", "127.0.0.1", str(port), *map(str, files), "-aet", calling_ae_title, "-aec", called_ae_title, "-nuc"],
+        ["dcmsend", "127.0.0.1", str(port), *map(str, files), "-aet", calling_ae_title, "-aec", called_ae_title, "--no-halt"],
         capture_output=True,
         text=True,
         timeout=300,
