@@ -1,0 +1,142 @@
+"""The `libra-node` command line: argument parsing and wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from node.config import ConfigError, load_config, validate_ae_title
+
+log = structlog.get_logger(__name__)
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """Parse 'AE@HOST:PORT' into (AE title, host, port).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        When the text does not have that form; the message shows an example.
+    """
+    try:
+        ae_title, address = text.split("@", 1)
+        host, port_text = address.rsplit(":", 1)
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is outside 1-65535")
+        return validate_ae_title(ae_title), host, port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not AE@HOST:PORT (for example PACS@127.0.0.1:4242): {exc}") from exc
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    from node.log_config import configure_logging
+    from node.service import NodeService
+
+    config = load_config(args.config)
+    configure_logging(config.logging.format, config.logging.level)
+    service = NodeService(config, run_worker=not args.no_worker)
+    stop_requested = threading.Event()
+
+    def request_stop(signal_number, frame):
+        log.info("node.stop_requested", signal=signal.Signals(signal_number).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    service.start()
+    stop_requested.wait()
+    service.stop()
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(workdir=args.workdir, input_dir=args.input, timeout_seconds=args.timeout)
+
+
+def _command_echo(args: argparse.Namespace) -> int:
+    from node.sender import echo
+
+    ae_title, host, port = args.peer
+    started = time.monotonic()
+    status = echo(host, port, ae_title, args.calling_ae_title, timeout_seconds=args.timeout)
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if status is None:
+        print(f"C-ECHO to {ae_title}@{host}:{port} failed: no association (rejected, refused or timed out)")
+        return 1
+    print(f"C-ECHO to {ae_title}@{host}:{port}: status 0x{status:04X} in {elapsed_ms:.1f} ms")
+    return 0 if status == 0 else 1
+
+
+def _command_send(args: argparse.Namespace) -> int:
+    from node.send_tool import send_files
+
+    ae_title, host, port = args.peer
+    return send_files(ae_title, host, port, args.files, calling_ae_title=args.calling_ae_title)
+
+
+def _command_sr_show(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from node.sr_show import format_sr_tree
+
+    print(format_sr_tree(pydicom.dcmread(args.file)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="libra-node", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the node: receiver, timer, worker and sender")
+    run.add_argument("--config", type=Path, default=Path("config/node.toml"), help="TOML configuration file (default: %(default)s)")
+    run.add_argument("--no-worker", action="store_true", help="receive, route and send only; report jobs run elsewhere")
+    run.set_defaults(handler=_command_run)
+
+    demo = commands.add_parser("demo", help="send synthetic studies through a local node to a local PACS and show the SR")
+    demo.add_argument("--input", type=Path, help="send the DICOM files in this folder instead of synthetic studies")
+    demo.add_argument("--workdir", type=Path, default=Path("var/demo"), help="folder for the demo's node and PACS (default: %(default)s; emptied first)")
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the SR (default: %(default)s)")
+    demo.set_defaults(handler=_command_demo)
+
+    echo = commands.add_parser("echo", help="send a C-ECHO to a DICOM peer")
+    echo.add_argument("peer", type=parse_peer, help="AE@HOST:PORT")
+    echo.add_argument("--calling-ae-title", type=validate_ae_title, default="LIBRA_NODE", help="our AE title (default: %(default)s)")
+    echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default: %(default)s)")
+    echo.set_defaults(handler=_command_echo)
+
+    send = commands.add_parser("send", help="send DICOM files to a peer with C-STORE")
+    send.add_argument("peer", type=parse_peer, help="AE@HOST:PORT")
+    send.add_argument("files", type=Path, nargs="+", help="DICOM files or folders")
+    send.add_argument("--calling-ae-title", type=validate_ae_title, default="LIBRA_NODE", help="our AE title (default: %(default)s)")
+    send.set_defaults(handler=_command_send)
+
+    sr = commands.add_parser("sr", help="inspect structured reports")
+    sr_commands = sr.add_subparsers(dest="sr_command", required=True)
+    sr_show = sr_commands.add_parser("show", help="print an SR file's attributes and content tree")
+    sr_show.add_argument("file", type=Path)
+    sr_show.set_defaults(handler=_command_sr_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `libra-node` command and return its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"libra-node: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Sender: delivers outbox entries (one SR to one destination) with C-STORE, retrying with backoff.
+
+An entry is marked sent only after the destination answered the C-STORE with a success or
+warning status. A refused association, a lost connection or a failure status schedules a
+retry after an exponentially growing wait; after `max_attempts` the entry is marked failed
+with the last status and stays visible. Entries are claimed under a lease (SKIP LOCKED on
+PostgreSQL), so two senders never send one entry at the same time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    BasicTextSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    Verification,
+)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.config import DestinationSettings, NodeConfig
+from node.dimse_status import status_category, status_name
+from node.index.models import OutboxEntry, OutboxState, StructuredReport, StudyState, utc_now
+from node.index.session import IndexDatabase, record_audit
+from node.store import FileStore
+
+log = structlog.get_logger(__name__)
+
+SR_STORAGE_SOP_CLASSES = (EnhancedSRStorage, ComprehensiveSRStorage, BasicTextSRStorage)
+_SEND_LEASE_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of one C-STORE attempt."""
+
+    delivered: bool
+    status: int | None
+    error: str
+
+
+def send_file(destination: DestinationSettings, path: Path, calling_ae_title: str) -> SendResult:
+    """Send one DICOM file with C-STORE and return the outcome; never raises for network faults."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = destination.timeout_seconds
+    ae.dimse_timeout = destination.timeout_seconds
+    ae.network_timeout = destination.timeout_seconds
+    for sop_class in SR_STORAGE_SOP_CLASSES:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except OSError as exc:
+        return SendResult(False, None, f"connection failed: {exc}")
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            return SendResult(False, None, "association rejected")
+        return SendResult(False, None, "association not established (aborted or no answer)")
+    try:
+        response = assoc.send_c_store(path)
+    except (ValueError, RuntimeError, OSError) as exc:
+        assoc.abort()
+        return SendResult(False, None, f"C-STORE not sent: {exc}")
+    status = int(response.Status) if response is not None and "Status" in response else None
+    assoc.release()
+    if status is None:
+        return SendResult(False, None, "no C-STORE response (timeout or aborted association)")
+    if status_category(status) in ("success", "warning"):
+        return SendResult(True, status, "")
+    comment = str(response.get("ErrorComment", "")) if response is not None else ""
+    return SendResult(False, status, f"C-STORE failed with status 0x{status:04X}{': ' + comment if comment else ''}")
+
+
+def echo(host: str, port: int, called_ae_title: str, calling_ae_title: str, timeout_seconds: float = 10.0) -> int | None:
+    """Send a C-ECHO and return its status, or None when no association was established."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae_title)
+    if not assoc.is_established:
+        return None
+    try:
+        response = assoc.send_c_echo()
+        return int(response.Status) if response is not None and "Status" in response else None
+    finally:
+        assoc.release()
+
+
+class Sender:
+    """A thread that delivers due outbox entries."""
+
+    def __init__(self, config: NodeConfig, index: IndexDatabase, store: FileStore, poll_seconds: float = 0.5) -> None:
+        self.config = config
+        self.index = index
+        self.store = store
+        self.poll_seconds = poll_seconds
+        self.sender_id = f"sender:{socket.gethostname()}:{os.getpid()}"
+        self._destinations = {destination.name: destination for destination in config.destinations}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start delivering in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="libra-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_seconds: float = 60.0) -> None:
+        """Stop after the send in hand and wait for the thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_seconds)
+
+    def wake(self) -> None:
+        """Look for due entries now instead of at the next poll."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = self.send_once()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive database hiccups
+                log.error("sender.loop_failed", exc_info=exc)
+                handled = False
+            if not handled:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    def send_once(self) -> bool:
+        """Claim and send one due entry; return False when none was due."""
+        claimed = self._claim_entry()
+        if claimed is None:
+            return False
+        entry_id, destination_name, file_path, sr_sop_instance_uid, attempt = claimed
+        destination = self._destinations.get(destination_name)
+        context = {
+            "outbox_id": entry_id,
+            "destination": destination_name,
+            "sr_sop_instance_uid": sr_sop_instance_uid,
+            "attempt": attempt,
+        }
+        if destination is None:
+            result = SendResult(False, None, f"destination {destination_name!r} is no longer configured")
+            self._record_result(entry_id, result, final=True, context=context)
+            return True
+        result = send_file(destination, self.store.absolute(file_path), self.config.node.ae_title)
+        final = not result.delivered and attempt >= destination.max_attempts
+        self._record_result(entry_id, result, final=final, context=context, destination=destination)
+        return True
+
+    def _claim_entry(self):
+        now = utc_now()
+        with self.index.transaction() as session:
+            query = (
+                select(OutboxEntry)
+                .where(
+                    ((OutboxEntry.state == OutboxState.PENDING) & (OutboxEntry.next_attempt_at <= now))
+                    | ((OutboxEntry.state == OutboxState.SENDING) & (OutboxEntry.lease_expires_at < now))
+                )
+                .order_by(OutboxEntry.next_attempt_at, OutboxEntry.id)
+                .limit(1)
+            )
+            if not self.index.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            entry = session.scalars(query).first()
+            if entry is None:
+                return None
+            entry.state = OutboxState.SENDING
+            entry.lease_owner = self.sender_id
+            entry.lease_expires_at = now + dt.timedelta(seconds=_SEND_LEASE_SECONDS)
+            entry.attempts += 1
+            report = entry.structured_report
+            return entry.id, entry.destination, report.file_path, report.sop_instance_uid, entry.attempts
+
+    def _record_result(self, entry_id: int, result: SendResult, *, final: bool, context: dict, destination=None) -> None:
+        now = utc_now()
+        status_fields = {}
+        if result.status is not None:
+            status_fields = {"status": f"0x{result.status:04X}", "status_name": status_name(result.status)}
+        with self.index.transaction() as session:
+            entry = session.get(OutboxEntry, entry_id)
+            report: StructuredReport = entry.structured_report
+            study = report.study
+            entry.last_status = result.status
+            entry.lease_owner = ""
+            entry.lease_expires_at = None
+            if result.delivered:
+                entry.state = OutboxState.SENT
+                entry.sent_at = now
+                entry.last_error = ""
+                reason = "delivered"
+            elif final:
+                entry.state = OutboxState.FAILED
+                entry.last_error = result.error
+                reason = f"gave up after {entry.attempts} attempts: {result.error}"
+            else:
+                backoff = min(
+                    destination.retry_backoff_seconds * 2 ** (entry.attempts - 1), destination.max_backoff_seconds
+                )
+                entry.state = OutboxState.PENDING
+                entry.last_error = result.error
+                entry.next_attempt_at = now + dt.timedelta(seconds=backoff)
+                reason = f"attempt {entry.attempts} failed: {result.error}; retry in {backoff:.0f} s"
+            record_audit(
+                session,
+                entity="outbox",
+                entity_id=entry.id,
+                from_state=OutboxState.SENDING.value,
+                to_state=entry.state.value,
+                actor=self.sender_id,
+                reason=reason,
+                study_instance_uid=study.study_instance_uid,
+            )
+            study_outcome = self._update_study(session, report, actor=self.sender_id)
+
+        context = context | {"study_instance_uid": study.study_instance_uid} | status_fields
+        if result.delivered:
+            log.info("sender.sr_sent", **context)
+        elif final:
+            log.error("sender.send_failed", error=result.error, **context)
+        else:
+            log.warning("sender.retry_scheduled", error=result.error, retry_at=entry.next_attempt_at.isoformat(), **context)
+        if study_outcome == StudyState.SENT:
+            log.info("study.report_sent", study_instance_uid=study.study_instance_uid, sr_sop_instance_uid=report.sop_instance_uid)
+        elif study_outcome == StudyState.FAILED:
+            log.error("study.failed", study_instance_uid=study.study_instance_uid, reason=study.state_reason)
+
+    def _update_study(self, session: Session, report: StructuredReport, actor: str) -> StudyState | None:
+        """Move the study to sent or failed once every entry of its latest report is final."""
+        study = report.study
+        if study.state != StudyState.REPORTED:
+            return None
+        latest_job_fk = session.scalars(
+            select(StructuredReport.job_fk)
+            .where(StructuredReport.study_fk == study.id)
+            .order_by(StructuredReport.id.desc())
+            .limit(1)
+        ).first()
+        if report.job_fk != latest_job_fk:
+            return None
+        entries = session.scalars(
+            select(OutboxEntry)
+            .join(StructuredReport, OutboxEntry.structured_report_fk == StructuredReport.id)
+            .where(StructuredReport.job_fk == latest_job_fk)
+        ).all()
+        states = {entry.state for entry in entries}
+        if states == {OutboxState.SENT}:
+            new_state, reason = StudyState.SENT, "SR delivered to every destination"
+        elif states <= {OutboxState.SENT, OutboxState.FAILED}:
+            failed = sorted(entry.destination for entry in entries if entry.state == OutboxState.FAILED)
+            new_state, reason = StudyState.FAILED, f"SR not delivered to {', '.join(failed)}"
+        else:
+            return None
+        record_audit(
+            session,
+            entity="study",
+            entity_id=study.id,
+            from_state=study.state.value,
+            to_state=new_state.value,
+            actor=actor,
+            reason=reason,
+            study_instance_uid=study.study_instance_uid,
+        )
+        study.state = new_state
+        study.state_reason = "" if new_state == StudyState.SENT else reason
+        return new_state

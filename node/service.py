@@ -1,0 +1,76 @@
+"""The node process: receiver, study-stable timer, worker and sender wired around one index and store."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import structlog
+
+from node.config import NodeConfig
+from node.index.session import IndexDatabase
+from node.log_config import load_or_create_hash_key
+from node.receiver import Receiver
+from node.sender import Sender
+from node.stability import StabilityTimer
+from node.store import FileStore
+from node.worker import Worker
+
+log = structlog.get_logger(__name__)
+
+
+class NodeService:
+    """All parts of one `libra-node run` process.
+
+    Parameters
+    ----------
+    config
+        The validated configuration.
+    run_worker
+        Whether this process also runs report jobs (``--no-worker`` turns it off).
+    """
+
+    def __init__(self, config: NodeConfig, run_worker: bool = True) -> None:
+        self.config = config
+        data_dir = config.node.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(data_dir, 0o700)
+        self.store = FileStore(data_dir / "store", config.node.free_disk_reserve_mb * 1024 * 1024)
+        self.index = IndexDatabase(config.database_url)
+        self.index.create_schema()
+        hash_key = load_or_create_hash_key(data_dir)
+        self.receiver = Receiver(config, self.store, self.index, hash_key)
+        self.timer = StabilityTimer(config, self.index)
+        self.worker = Worker(config, self.index, self.store) if run_worker and config.worker.enabled else None
+        self.sender = Sender(config, self.index, self.store)
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        """Start every part; the receiver accepts associations when this returns."""
+        self.store.clean_incoming()
+        if not self.config.callers:
+            log.warning("receiver.any_caller_allowed", reason="no [[callers]] configured; every calling AE title may store")
+        if self.worker is not None:
+            self.worker.start()
+        self.sender.start()
+        self.timer.start()
+        self.receiver.start()
+        log.info(
+            "node.ready",
+            ae_title=self.config.node.ae_title,
+            port=self.receiver.port,
+            data_dir=str(self.config.node.data_dir),
+            worker=self.worker is not None,
+            destinations=[destination.name for destination in self.config.destinations],
+        )
+
+    def stop(self) -> None:
+        """Stop accepting associations, then let the timer, worker and sender finish what is in hand."""
+        self.receiver.stop()
+        self.timer.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        self.sender.stop()
+        self.index.dispose()
+        self.stopped.set()
+        log.info("node.stopped")

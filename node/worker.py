@@ -1,0 +1,496 @@
+"""Worker: claims report jobs, runs Libra on the current and prior frontal images, writes the SR.
+
+Each job is a database row claimed under a lease that a heartbeat extends while the model
+runs; a crashed worker's lease expires and another claim picks the job up again. The SR
+files, their index rows, one outbox entry per destination and the job's completion are
+committed in one transaction, so a crash never leaves a half-reported study. A job that
+fails `max_attempts` times is marked failed with its error and stays visible.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom.uid import generate_uid
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+import node
+from node.config import NodeConfig, SRClass
+from node.index.models import (
+    Instance,
+    JobState,
+    OutboxEntry,
+    OutboxState,
+    ReportJob,
+    Series,
+    StructuredReport,
+    Study,
+    StudyState,
+    utc_now,
+)
+from node.index.session import IndexDatabase, record_audit
+from node.priors import find_prior_study
+from node.sr_builder import DeviceIdentity, DraftReport, SRDocumentClass, build_draft_sr
+from node.store import FileStore
+
+log = structlog.get_logger(__name__)
+
+DEMO_CHECKPOINT_FOLDER = "models/libra-tiny-demo"
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """The files a job reads, resolved from the index before the model runs."""
+
+    job_id: int
+    study_instance_uid: str
+    current_frontal_path: Path
+    current_evidence_paths: tuple[Path, ...]
+    prior_study_instance_uid: str | None
+    prior_frontal_path: Path | None
+    predecessor_paths: dict[str, Path]
+
+
+def load_or_create_device_uid(data_dir: Path) -> str:
+    """Return this installation's device UID (the SR observer), created on first use."""
+    path = data_dir / "device_uid"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    uid = generate_uid()
+    path.write_text(uid + "\n")
+    path.chmod(0o600)
+    return uid
+
+
+def resolve_model_path(config: NodeConfig) -> Path:
+    """Return the Libra checkpoint folder: the configured one, or the demo checkpoint (built if missing)."""
+    if config.model.path:
+        return Path(config.model.path)
+    from libra_model.tiny import build_tiny_checkpoint
+
+    folder = config.node.data_dir / DEMO_CHECKPOINT_FOLDER
+    if not (folder / "config.json").exists():
+        log.info("worker.demo_checkpoint_building", path=str(folder))
+        build_tiny_checkpoint(folder)
+    return folder
+
+
+class Worker:
+    """A thread that runs report jobs one at a time with a model loaded once.
+
+    Parameters
+    ----------
+    config, index, store
+        The node configuration, index and file store.
+    worker_id
+        The lease owner name written to claimed rows; host and process id by default.
+    """
+
+    def __init__(self, config: NodeConfig, index: IndexDatabase, store: FileStore, worker_id: str | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.store = store
+        self.worker_id = worker_id or f"worker:{socket.gethostname()}:{os.getpid()}"
+        self.generator = None
+        self.device = DeviceIdentity(
+            device_uid=load_or_create_device_uid(config.node.data_dir),
+            node_name="libra-node",
+            node_version=node.__version__,
+            manufacturer=config.report.manufacturer,
+            institution_name=config.report.institution_name or None,
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.model_loaded = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        """Load the report generator once; later jobs reuse it."""
+        if self.generator is not None:
+            return
+        from libra_model import ReportGenerator
+
+        model_path = resolve_model_path(self.config)
+        started = time.monotonic()
+        self.generator = ReportGenerator.from_pretrained(
+            model_path,
+            vision_tower_dir=self.config.model.vision_tower_path or None,
+            device=self.config.model.device,
+            dtype=self.config.model.dtype,
+            dicom_conversion=self.config.model.dicom_conversion,
+        )
+        self.model_loaded.set()
+        log.info("worker.model_loaded", model_path=str(model_path), load_seconds=round(time.monotonic() - started, 3))
+
+    def start(self) -> None:
+        """Load the model and start claiming jobs in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="libra-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_seconds: float = 60.0) -> None:
+        """Ask the thread to stop after the job in hand and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_seconds)
+
+    def _run(self) -> None:
+        try:
+            self.load_model()
+        except Exception as exc:  # noqa: BLE001 - logged; the node keeps receiving
+            log.error("worker.model_load_failed", exc_info=exc)
+            return
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive database hiccups
+                log.error("worker.loop_failed", exc_info=exc)
+                handled = False
+            if not handled:
+                self._stop.wait(self.config.worker.poll_seconds)
+
+    # -- one job -----------------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Claim and run one job; return False when no job was ready."""
+        job_id = self._claim_job()
+        if job_id is None:
+            return False
+        structlog.contextvars.bind_contextvars(job_id=job_id)
+        heartbeat_stop = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(job_id, heartbeat_stop), daemon=True)
+        heartbeat.start()
+        try:
+            self._run_job(job_id)
+        except Exception as exc:  # noqa: BLE001 - recorded on the job row and logged
+            self._fail_job(job_id, exc)
+        finally:
+            heartbeat_stop.set()
+            heartbeat.join()
+            structlog.contextvars.unbind_contextvars("job_id", "study_instance_uid")
+        return True
+
+    def _claim_job(self) -> int | None:
+        now = utc_now()
+        with self.index.transaction() as session:
+            query = (
+                select(ReportJob)
+                .where(
+                    or_(
+                        ReportJob.state == JobState.QUEUED,
+                        (ReportJob.state == JobState.RUNNING) & (ReportJob.lease_expires_at < now),
+                    )
+                )
+                .order_by(ReportJob.created_at, ReportJob.id)
+                .limit(1)
+            )
+            if not self.index.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            job = session.scalars(query).first()
+            if job is None:
+                return None
+            previous_state = job.state.value
+            reclaimed = job.state == JobState.RUNNING
+            job.state = JobState.RUNNING
+            job.lease_owner = self.worker_id
+            job.lease_expires_at = now + dt.timedelta(seconds=self.config.worker.lease_seconds)
+            job.attempts += 1
+            job.updated_at = now
+            study = job.study
+            if study.state == StudyState.QUEUED:
+                study.state = StudyState.RUNNING
+            reason = "lease expired; reclaimed" if reclaimed else "claimed"
+            record_audit(
+                session,
+                entity="job",
+                entity_id=job.id,
+                from_state=previous_state,
+                to_state=job.state.value,
+                actor=self.worker_id,
+                reason=f"{reason}; attempt {job.attempts}",
+                study_instance_uid=study.study_instance_uid,
+            )
+            log.info(
+                "worker.job_claimed",
+                job_id=job.id,
+                study_instance_uid=study.study_instance_uid,
+                attempt=job.attempts,
+                reclaimed=reclaimed,
+            )
+            return job.id
+
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        interval = self.config.worker.lease_seconds / 3
+        while not stop.wait(interval):
+            try:
+                with self.index.transaction() as session:
+                    session.execute(
+                        update(ReportJob)
+                        .where(ReportJob.id == job_id, ReportJob.lease_owner == self.worker_id)
+                        .values(lease_expires_at=utc_now() + dt.timedelta(seconds=self.config.worker.lease_seconds))
+                    )
+            except Exception as exc:  # noqa: BLE001 - the next beat retries; logged
+                log.warning("worker.heartbeat_failed", exc_info=exc)
+
+    def _resolve_inputs(self, job_id: int) -> ReportInputs:
+        with self.index.transaction() as session:
+            job = session.get(ReportJob, job_id)
+            study = job.study
+            structlog.contextvars.bind_contextvars(study_instance_uid=study.study_instance_uid)
+            paths = session.execute(
+                select(Instance.sop_instance_uid, Instance.file_path)
+                .join(Series, Instance.series_fk == Series.id)
+                .where(Series.study_fk == study.id)
+                .order_by(Instance.id)
+            ).all()
+            current_by_uid = {uid: self.store.absolute(path) for uid, path in paths}
+            if study.frontal_sop_instance_uid not in current_by_uid:
+                raise LookupError(f"frontal image {study.frontal_sop_instance_uid} is not in the index")
+
+            prior = find_prior_study(session, study, self.config.node.max_prior_age_days)
+            prior_path = None
+            if prior is not None:
+                prior_instance = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == prior.frontal_sop_instance_uid)
+                ).first()
+                prior_path = self.store.absolute(prior_instance.file_path) if prior_instance else None
+
+            predecessors = {}
+            for report in session.scalars(
+                select(StructuredReport)
+                .where(StructuredReport.study_fk == study.id)
+                .order_by(StructuredReport.created_at, StructuredReport.id)
+            ):
+                predecessors[report.sr_class] = self.store.absolute(report.file_path)
+            return ReportInputs(
+                job_id=job_id,
+                study_instance_uid=study.study_instance_uid,
+                current_frontal_path=current_by_uid[study.frontal_sop_instance_uid],
+                current_evidence_paths=tuple(current_by_uid.values()),
+                prior_study_instance_uid=prior.study_instance_uid if prior_path else None,
+                prior_frontal_path=prior_path,
+                predecessor_paths=predecessors,
+            )
+
+    def _run_job(self, job_id: int) -> None:
+        inputs = self._resolve_inputs(job_id)
+        current_frontal = pydicom.dcmread(inputs.current_frontal_path)
+        prior_frontal = pydicom.dcmread(inputs.prior_frontal_path) if inputs.prior_frontal_path else None
+
+        generated = self.generator.generate(
+            current_frontal,
+            prior_frontal,
+            max_new_tokens=self.config.model.max_new_tokens,
+            current_key=str(current_frontal.SOPInstanceUID),
+            prior_key=str(prior_frontal.SOPInstanceUID) if prior_frontal is not None else None,
+        )
+        log.info(
+            "worker.report_generated",
+            prior_study_instance_uid=inputs.prior_study_instance_uid,
+            used_real_prior=generated.used_real_prior,
+            prompt_tokens=generated.prompt_tokens,
+            generated_tokens=generated.generated_tokens,
+            vision_seconds=round(generated.vision_seconds, 4),
+            prefill_seconds=round(generated.prefill_seconds, 4),
+            decode_seconds=round(generated.decode_seconds, 4),
+            model_seconds=round(generated.total_seconds, 4),
+        )
+        report = DraftReport(
+            findings_text=generated.findings_text,
+            model_name=generated.model_name,
+            checkpoint_sha256=generated.checkpoint_sha256,
+            is_demo_checkpoint=generated.is_demo_checkpoint,
+            dicom_conversion=generated.dicom_conversion,
+            used_real_prior=generated.used_real_prior,
+        )
+        current_evidence = [
+            current_frontal if path == inputs.current_frontal_path else pydicom.dcmread(path, stop_before_pixels=True)
+            for path in inputs.current_evidence_paths
+        ]
+        written = self._write_srs(inputs, current_evidence, current_frontal, prior_frontal, report)
+        try:
+            self._complete_job(inputs, written, report)
+        except BaseException:
+            for _, relative_path, _ in written:
+                self.store.remove(relative_path)
+            raise
+
+    def _write_srs(self, inputs, current_evidence, current_frontal, prior_frontal, report):
+        """Write one SR file per SR class that the destinations need; return (class, path, dataset)."""
+        classes = sorted({destination.sr_class for destination in self.config.destinations} or {SRClass.ENHANCED})
+        series_instance_uid = generate_uid()
+        written = []
+        for instance_number, sr_class in enumerate(classes, start=1):
+            predecessor_path = inputs.predecessor_paths.get(sr_class.value)
+            predecessor = pydicom.dcmread(predecessor_path, stop_before_pixels=True) if predecessor_path else None
+            dataset = build_draft_sr(
+                current_evidence,
+                current_frontal,
+                prior_frontal,
+                report,
+                self.device,
+                sr_class=SRDocumentClass(sr_class.value),
+                series_instance_uid=series_instance_uid,
+                series_number=self.config.report.series_number,
+                series_description=self.config.report.series_description,
+                sop_instance_uid=generate_uid(),
+                instance_number=instance_number,
+                predecessor=predecessor,
+            )
+            temporary_path = self.store.new_temporary_path(".dcm")
+            dataset.save_as(temporary_path, enforce_file_format=True)
+            relative_path = self.store.relative_path(
+                inputs.study_instance_uid, series_instance_uid, str(dataset.SOPInstanceUID)
+            )
+            self.store.commit_file(temporary_path, relative_path)
+            written.append((sr_class, relative_path, dataset))
+        return written
+
+    def _complete_job(self, inputs: ReportInputs, written, report: DraftReport) -> None:
+        now = utc_now()
+        with self.index.transaction() as session:
+            job = session.get(ReportJob, inputs.job_id)
+            if job.state != JobState.RUNNING or job.lease_owner != self.worker_id:
+                raise RuntimeError(f"job {inputs.job_id} lease was lost to {job.lease_owner}; result discarded")
+            study = job.study
+            sr_rows = {}
+            for sr_class, relative_path, dataset in written:
+                predecessor_uid = None
+                if "PredecessorDocumentsSequence" in dataset:
+                    predecessor_uid = str(
+                        dataset.PredecessorDocumentsSequence[0]
+                        .ReferencedSeriesSequence[0]
+                        .ReferencedSOPSequence[0]
+                        .ReferencedSOPInstanceUID
+                    )
+                row = StructuredReport(
+                    sop_instance_uid=str(dataset.SOPInstanceUID),
+                    series_instance_uid=str(dataset.SeriesInstanceUID),
+                    sop_class_uid=str(dataset.SOPClassUID),
+                    sr_class=sr_class.value,
+                    study_fk=study.id,
+                    job_fk=job.id,
+                    prior_study_instance_uid=inputs.prior_study_instance_uid,
+                    predecessor_sop_instance_uid=predecessor_uid,
+                    file_path=str(relative_path),
+                    model_name=report.model_name,
+                    checkpoint_sha256=report.checkpoint_sha256,
+                    created_at=now,
+                )
+                session.add(row)
+                sr_rows[sr_class] = row
+            session.flush()
+            for destination in self.config.destinations:
+                entry = OutboxEntry(
+                    structured_report_fk=sr_rows[destination.sr_class].id,
+                    destination=destination.name,
+                    state=OutboxState.PENDING,
+                    next_attempt_at=now,
+                )
+                session.add(entry)
+                session.flush()
+                record_audit(
+                    session,
+                    entity="outbox",
+                    entity_id=entry.id,
+                    to_state=OutboxState.PENDING.value,
+                    actor=self.worker_id,
+                    reason=f"SR {sr_rows[destination.sr_class].sop_instance_uid} for {destination.name}",
+                    study_instance_uid=study.study_instance_uid,
+                )
+            job.state = JobState.DONE
+            job.lease_owner = ""
+            job.lease_expires_at = None
+            job.updated_at = now
+            record_audit(
+                session,
+                entity="job",
+                entity_id=job.id,
+                from_state=JobState.RUNNING.value,
+                to_state=JobState.DONE.value,
+                actor=self.worker_id,
+                study_instance_uid=study.study_instance_uid,
+            )
+            if study.state == StudyState.RUNNING:
+                study.state = StudyState.REPORTED
+                study.state_reason = "" if self.config.destinations else "no destinations configured"
+                record_audit(
+                    session,
+                    entity="study",
+                    entity_id=study.id,
+                    from_state=StudyState.RUNNING.value,
+                    to_state=StudyState.REPORTED.value,
+                    actor=self.worker_id,
+                    reason=f"SR written: {', '.join(row.sop_instance_uid for row in sr_rows.values())}",
+                    study_instance_uid=study.study_instance_uid,
+                )
+        for row in sr_rows.values():
+            log.info(
+                "worker.sr_written",
+                sr_sop_instance_uid=row.sop_instance_uid,
+                sr_class=row.sr_class,
+                prior_study_instance_uid=row.prior_study_instance_uid,
+                predecessor_sop_instance_uid=row.predecessor_sop_instance_uid,
+            )
+        if not self.config.destinations:
+            log.warning("worker.no_destinations", reason="SR kept in the store; add a [[destinations]] entry")
+
+    def _fail_job(self, job_id: int, error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}"
+        with self.index.transaction() as session:
+            job = session.get(ReportJob, job_id)
+            study = job.study
+            if job.lease_owner != self.worker_id:
+                log.warning("worker.job_lost", error=message)
+                return
+            final = job.attempts >= self.config.worker.max_attempts
+            job.state = JobState.FAILED if final else JobState.QUEUED
+            job.error = message
+            job.lease_owner = ""
+            job.lease_expires_at = None
+            job.updated_at = utc_now()
+            record_audit(
+                session,
+                entity="job",
+                entity_id=job.id,
+                from_state=JobState.RUNNING.value,
+                to_state=job.state.value,
+                actor=self.worker_id,
+                reason=message,
+                study_instance_uid=study.study_instance_uid,
+            )
+            if final and study.state == StudyState.RUNNING:
+                study.state = StudyState.FAILED
+                study.state_reason = f"report job failed after {job.attempts} attempts: {message}"
+                record_audit(
+                    session,
+                    entity="study",
+                    entity_id=study.id,
+                    from_state=StudyState.RUNNING.value,
+                    to_state=StudyState.FAILED.value,
+                    actor=self.worker_id,
+                    reason=study.state_reason,
+                    study_instance_uid=study.study_instance_uid,
+                )
+            elif not final and study.state == StudyState.RUNNING:
+                study.state = StudyState.QUEUED
+        if final:
+            log.error("study.failed", exc_info=error, attempts=job.attempts, reason=message)
+        else:
+            log.warning("worker.job_retry_scheduled", exc_info=error, attempt=job.attempts)
+
+
+def session_study(session: Session, study_instance_uid: str) -> Study | None:
+    """Return the study row with this Study Instance UID, or None."""
+    return session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()
