@@ -19,8 +19,8 @@ IMAGE_PLACEHOLDER = "<image>"
 LIBRA_SYSTEM_TEXT = (
     "The assistant specialized in comparing Chest X-ray images, identifying differences, and noting temporal changes."
 )
-# NOTE: the wording of these generic LLaVA sentences is reproduced from memory of the LLaVA templates and was not
-# checked against the released libra-v1.0-3b template.
+# NOTE: these generic LLaVA system sentences are not verified against the released libra-v1.0-3b template, so the
+# 3b prompt may differ from the release in this wording.
 LLAVA_GENERIC_SYSTEM_TEXT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
     "user provides, and assist the user with a variety of tasks using natural language."
