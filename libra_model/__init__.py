@@ -5,15 +5,11 @@ Nothing here downloads weights: checkpoints and the RAD-DINO vision tower are re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from libra_model.configuration_libra import LibraConfig
 from libra_model.modeling_libra import IMAGE_TOKEN_INDEX, LibraForCausalLM
+from libra_model.preprocessing import dicom_to_image
 from libra_model.report_generator import GeneratedReport, ReportGenerator
 from libra_model.tiny import build_tiny_checkpoint
-
-if TYPE_CHECKING:
-    from libra_model.preprocessing import dicom_to_image
 
 __all__ = [
     "IMAGE_TOKEN_INDEX",
@@ -24,12 +20,3 @@ __all__ = [
     "build_tiny_checkpoint",
     "dicom_to_image",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # dicom_to_image is imported on first use, so the model loads without the DICOM pixel decoders.
-    if name == "dicom_to_image":
-        from libra_model.preprocessing import dicom_to_image
-
-        return dicom_to_image
-    raise AttributeError(f"module 'libra_model' has no attribute {name!r}")

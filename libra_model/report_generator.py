@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteriaList
 
+from libra_model import preprocessing
 from libra_model.loading import resolve_dtype
 from libra_model.modeling_libra import LibraForCausalLM
 from libra_model.prompts import (
@@ -257,10 +258,15 @@ class ReportGenerator:
         TypeError
             If an image is of an unsupported type.
         ValueError
-            If `temperature` is negative or a tensor has the wrong shape.
+            If `temperature` is negative, `max_new_tokens` is below 1 or a tensor has the wrong
+            shape.
         """
         if temperature < 0:
             raise ValueError(f"temperature {temperature} is negative: use 0 for greedy decoding or a positive value.")
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens} is below 1: request at least one new token.")
         started = time.perf_counter()
 
         current_features, dicom_conversion = self._image_features(current, current_key)
@@ -283,7 +289,7 @@ class ReportGenerator:
             new_ids = self.model.generate(
                 input_ids,
                 image_embeddings=image_embeddings,
-                max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                max_new_tokens=max_new_tokens,
                 stopping_criteria=stopping_criteria,
                 eos_token_id=self.tokenizer.eos_token_id,
                 **sampling_kwargs,
@@ -341,9 +347,6 @@ class ReportGenerator:
 
     def _pixel_values(self, image: pydicom.Dataset | Image.Image | torch.Tensor) -> torch.Tensor:
         """Turn one image into the tower input, shape (3, size, size)."""
-        # Imported here so that loading a model does not need the DICOM pixel decoders.
-        from libra_model import preprocessing
-
         image_processor = self.model.get_vision_tower().image_processor
         if isinstance(image, pydicom.Dataset):
             picture = preprocessing.dicom_to_image(image, self.dicom_conversion)

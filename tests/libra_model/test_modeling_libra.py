@@ -164,3 +164,11 @@ def test_get_vision_tower_without_tower_raises(tiny_checkpoint):
     model = LibraForCausalLM(LibraConfig.from_pretrained(tiny_checkpoint))
     with pytest.raises(RuntimeError, match="attach_vision_tower"):
         model.get_vision_tower()
+
+
+def test_generate_encodes_images_once(tiny_model, prompt_ids):
+    tower_calls = []
+    tiny_model.get_vision_tower().register_forward_hook(lambda module, inputs, output: tower_calls.append(1))
+    new_ids = tiny_model.generate(prompt_ids, image_pair(1, 2), max_new_tokens=4, do_sample=False)
+    assert new_ids.shape[1] >= 2
+    assert len(tower_calls) == 2

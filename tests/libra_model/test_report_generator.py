@@ -202,6 +202,11 @@ def test_generate_rejects_negative_temperature(generator):
         generator.generate(make_radiograph(1), temperature=-0.5)
 
 
+def test_generate_rejects_zero_new_tokens(generator):
+    with pytest.raises(ValueError, match="max_new_tokens 0 is below 1"):
+        generator.generate(make_radiograph(1), max_new_tokens=0)
+
+
 def test_unknown_dicom_conversion_raises(tiny_checkpoint):
     with pytest.raises(ValueError, match="dicom_conversion 'jpeg' is unknown"):
         ReportGenerator.from_pretrained(tiny_checkpoint, dicom_conversion="jpeg")
