@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from node.config import ConfigError, load_config, validate_ae_title
+from node.index.schema import SchemaOutdatedError
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,49 @@ def _command_run(args: argparse.Namespace) -> int:
     service.start()
     stop_requested.wait()
     service.stop()
+    return 0
+
+
+def _command_worker(args: argparse.Namespace) -> int:
+    from node.log_config import configure_logging
+    from node.service import WorkerService
+
+    config = load_config(args.config)
+    configure_logging(config.logging.format, config.logging.level)
+    service = WorkerService(config)
+    stop_requested = threading.Event()
+
+    def request_stop(signal_number, frame):
+        log.info("worker.stop_requested", signal=signal.Signals(signal_number).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    service.start()
+    stop_requested.wait()
+    service.stop()
+    return 0
+
+
+def _command_db(args: argparse.Namespace) -> int:
+    from node.index import schema
+    from node.index.session import IndexDatabase
+
+    config = load_config(args.config)
+    index = IndexDatabase(config.database_url)
+    try:
+        before = schema.current_revision(index.engine)
+        if args.db_command == "upgrade":
+            schema.upgrade(index.engine, args.revision)
+        elif args.db_command == "downgrade":
+            schema.downgrade(index.engine, args.revision)
+        after = schema.current_revision(index.engine)
+    finally:
+        index.dispose()
+    if args.db_command == "current":
+        print(f"schema revision: {after or 'none'} (this node needs {schema.head_revision()})")
+    else:
+        print(f"schema revision: {before or 'none'} -> {after or 'none'}")
     return 0
 
 
@@ -102,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-worker", action="store_true", help="receive, route and send only; report jobs run elsewhere")
     run.set_defaults(handler=_command_run)
 
+    worker = commands.add_parser("worker", help="run report jobs only (with a shared index and store)")
+    worker.add_argument("--config", type=Path, default=Path("config/node.toml"), help="TOML configuration file (default: %(default)s)")
+    worker.set_defaults(handler=_command_worker)
+
+    db = commands.add_parser("db", help="manage the index database schema (Alembic migrations)")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    for name, help_text, default_revision in (
+        ("upgrade", "apply pending migrations", "head"),
+        ("downgrade", "revert migrations (back up the database first)", "-1"),
+        ("current", "print the database's schema revision", None),
+    ):
+        db_command = db_commands.add_parser(name, help=help_text)
+        db_command.add_argument("--config", type=Path, default=Path("config/node.toml"), help="TOML configuration file (default: %(default)s)")
+        if default_revision is not None:
+            db_command.add_argument("revision", nargs="?", default=default_revision, help="target revision (default: %(default)s)")
+        db_command.set_defaults(handler=_command_db)
+
     demo = commands.add_parser("demo", help="send synthetic studies through a local node to a local PACS and show the SR")
     demo.add_argument("--input", type=Path, help="send the DICOM files in this folder instead of synthetic studies")
     demo.add_argument("--workdir", type=Path, default=Path("var/demo"), help="folder for the demo's node and PACS (default: %(default)s; emptied first)")
@@ -134,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as exc:
+        print(f"libra-node: {exc}", file=sys.stderr)
+        return 2
+    except SchemaOutdatedError as exc:
         print(f"libra-node: {exc}", file=sys.stderr)
         return 2
 

@@ -37,7 +37,9 @@ class NodeService:
         os.chmod(data_dir, 0o700)
         self.store = FileStore(data_dir / "store", config.node.free_disk_reserve_mb * 1024 * 1024)
         self.index = IndexDatabase(config.database_url)
-        self.index.create_schema()
+        # A new single-machine SQLite index is created at first start; any other database
+        # must be brought to the current schema with `libra-node db upgrade`.
+        self.index.prepare_schema(create_if_empty=self.index.is_sqlite)
         hash_key = load_or_create_hash_key(data_dir)
         self.receiver = Receiver(config, self.store, self.index, hash_key)
         self.timer = StabilityTimer(config, self.index)
@@ -74,3 +76,30 @@ class NodeService:
         self.index.dispose()
         self.stopped.set()
         log.info("node.stopped")
+
+
+class WorkerService:
+    """A `libra-node worker` process: report jobs only, on a shared index and store.
+
+    The index must already be at the current schema (`libra-node db upgrade`).
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = FileStore(config.node.data_dir / "store", config.node.free_disk_reserve_mb * 1024 * 1024)
+        self.index = IndexDatabase(config.database_url)
+        self.index.prepare_schema(create_if_empty=False)
+        self.worker = Worker(config, self.index, self.store)
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        """Load the model and start claiming jobs."""
+        self.worker.start()
+        log.info("worker.ready", worker_id=self.worker.worker_id)
+
+    def stop(self) -> None:
+        """Finish or release the job in hand, then close the index."""
+        self.worker.stop()
+        self.index.dispose()
+        self.stopped.set()
+        log.info("worker.stopped", worker_id=self.worker.worker_id)

@@ -21,7 +21,6 @@ import pydicom
 import structlog
 from pydicom.uid import generate_uid
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
 
 import node
 from node.config import NodeConfig, SRClass
@@ -33,7 +32,6 @@ from node.index.models import (
     ReportJob,
     Series,
     StructuredReport,
-    Study,
     StudyState,
     utc_now,
 )
@@ -140,10 +138,41 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout_seconds: float = 60.0) -> None:
-        """Ask the thread to stop after the job in hand and wait for it."""
+        """Ask the thread to stop after the job in hand, and wait for it.
+
+        A job still running after `timeout_seconds` is released (back to queued), so that
+        no row stays claimed by a process that is exiting.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
+            if self._thread.is_alive():
+                self.release_claims()
+
+    def release_claims(self) -> int:
+        """Return every job this worker holds to the queue; return how many were released."""
+        with self.index.transaction() as session:
+            jobs = session.scalars(
+                select(ReportJob).where(ReportJob.state == JobState.RUNNING, ReportJob.lease_owner == self.worker_id)
+            ).all()
+            for job in jobs:
+                job.state = JobState.QUEUED
+                job.lease_owner = ""
+                job.lease_expires_at = None
+                if job.study.state == StudyState.RUNNING:
+                    job.study.state = StudyState.QUEUED
+                record_audit(
+                    session,
+                    entity="job",
+                    entity_id=job.id,
+                    from_state=JobState.RUNNING.value,
+                    to_state=JobState.QUEUED.value,
+                    actor=self.worker_id,
+                    reason="worker stopping; job released",
+                    study_instance_uid=job.study.study_instance_uid,
+                )
+                log.warning("worker.job_released", job_id=job.id, study_instance_uid=job.study.study_instance_uid)
+            return len(jobs)
 
     def _run(self) -> None:
         try:
@@ -490,7 +519,3 @@ class Worker:
         else:
             log.warning("worker.job_retry_scheduled", exc_info=error, attempt=job.attempts)
 
-
-def session_study(session: Session, study_instance_uid: str) -> Study | None:
-    """Return the study row with this Study Instance UID, or None."""
-    return session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()

@@ -17,7 +17,8 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.index.models import AuditEvent, Base
+from node.index import schema
+from node.index.models import AuditEvent
 
 log = structlog.get_logger(__name__)
 
@@ -66,11 +67,23 @@ class IndexDatabase:
             self.engine = create_engine(url, pool_pre_ping=True)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create_schema(self) -> None:
-        """Create missing tables."""
-        # TODO: schema changes go through create_all only; an existing database does not
-        # get new columns until Alembic migrations replace this.
-        Base.metadata.create_all(self.engine)
+    def prepare_schema(self, create_if_empty: bool) -> None:
+        """Check that the schema is current, first creating it in an empty database if allowed.
+
+        Raises
+        ------
+        SchemaOutdatedError
+            When the schema is behind the code (or absent and not to be created); the message
+            names `libra-node db upgrade`.
+        """
+        if create_if_empty and schema.is_empty(self.engine):
+            schema.upgrade(self.engine)
+            log.info("index.schema_created", revision=schema.head_revision())
+        schema.check_schema_current(self.engine)
+
+    def upgrade_schema(self) -> None:
+        """Apply every pending migration (what `libra-node db upgrade` runs)."""
+        schema.upgrade(self.engine)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:

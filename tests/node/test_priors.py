@@ -13,7 +13,7 @@ from node.priors import find_prior_study, study_datetime
 @pytest.fixture
 def index(tmp_path):
     database = IndexDatabase(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-    database.create_schema()
+    database.upgrade_schema()
     yield database
     database.dispose()
 
