@@ -227,6 +227,9 @@ class LibraSingleLayerProjectorMixin:
     features only.
     """
 
+    # NOTE: no released Libra checkpoint uses these projectors, so the LLaVA-style layer index and the
+    # ignored prior are assumptions that were not compared with the reference code.
+
     select_layer: int
 
     def extract_layer_features(self, tower_features: torch.Tensor) -> torch.Tensor:

@@ -415,6 +415,9 @@ def resolve_generation_device(device: str | torch.device) -> torch.device:
 def resolve_generation_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """Turn "auto" into bfloat16 or float16 on CUDA and float32 on the CPU. Other values name a dtype.
 
+    The released inference code runs in float16, so bfloat16 outputs can differ from it in the
+    last digits and, through greedy decoding, in the occasional token.
+
     Raises
     ------
     ValueError

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from libra_model.modeling_libra import LibraForCausalLM
 from libra_model.vision_tower import LibraVisionTower, VisionTowerNotFoundError, resolve_vision_tower_folder
 from tests.libra_model.sample_images import make_pixel_values
 
@@ -69,8 +70,15 @@ def test_missing_tower_file_is_named(tower_folder_copy, missing_name):
 
 
 def test_missing_tower_folder_is_named(tmp_path):
-    with pytest.raises(VisionTowerNotFoundError, match="does not exist"):
+    with pytest.raises(VisionTowerNotFoundError) as error:
         LibraVisionTower.from_folder(tmp_path / "absent")
+    assert str(tmp_path / "absent") in str(error.value)
+    assert "does not exist" in str(error.value)
+
+
+def test_missing_override_folder_fails_model_load(tiny_checkpoint, tmp_path):
+    with pytest.raises(VisionTowerNotFoundError, match="absent-rad-dino"):
+        LibraForCausalLM.from_pretrained(tiny_checkpoint, vision_tower=tmp_path / "absent-rad-dino")
 
 
 def test_resolve_relative_path_against_checkpoint(tiny_checkpoint):
