@@ -6,13 +6,17 @@ fixture that started it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import uuid
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,3 +172,39 @@ def dciodvfy_errors(path: Path) -> list[str]:
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+# The PostgreSQL server the tests use; CI starts it (.ci/run) and each test gets its own database.
+POSTGRES_ADMIN_URL = os.environ.get("LIBRA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """Create an empty PostgreSQL database at the current schema, yield its SQLAlchemy URL, drop it.
+
+    Fails the calling test when the server is not reachable, so that a missing PostgreSQL
+    never turns into silently skipped scale-out coverage.
+    """
+    import psycopg
+
+    from node.index.session import IndexDatabase
+
+    name = f"libra_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise RuntimeError(
+            f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: start it, or set LIBRA_TEST_POSTGRES"
+        ) from exc
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base_url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base_url}/{name}"
+    index = IndexDatabase(url)
+    index.upgrade_schema()
+    index.dispose()
+    try:
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -10,7 +10,7 @@ import pytest
 
 from node.config import parse_config
 from node.service import NodeService
-from tests.peers import free_port
+from tests.peers import free_port, postgres_database
 
 NODE_AE_TITLE = "LIBRA_NODE"
 MODALITY_AE_TITLE = "MODALITY1"
@@ -24,7 +24,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "libra-tiny-demo")
 
 
-def node_config(data_dir: Path, model_path: Path | None, **sections):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """The index URL of a test: SQLite in the node's data folder, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    with postgres_database() as url:
+        yield url
+
+
+def node_config(data_dir: Path, model_path: Path | None, database_url: str = "", **sections):
     """Return a validated configuration for a test node on a free loopback port."""
     document = {
         "node": {
@@ -32,6 +42,7 @@ def node_config(data_dir: Path, model_path: Path | None, **sections):
             "bind_address": "127.0.0.1",
             "port": free_port(),
             "data_dir": str(data_dir),
+            "database_url": database_url,
             "study_stable_seconds": 1.0,
             "stability_check_seconds": 0.2,
             "free_disk_reserve_mb": 0,
@@ -50,12 +61,12 @@ def node_config(data_dir: Path, model_path: Path | None, **sections):
 
 
 @pytest.fixture
-def make_node(tmp_path, tiny_checkpoint):
-    """Start nodes in this process; every node started is stopped after the test."""
+def make_node(tmp_path, tiny_checkpoint, database_url):
+    """Start nodes in this process, on SQLite and on PostgreSQL; each is stopped after the test."""
     services: list[NodeService] = []
 
     def start(data_dir: Path | None = None, run_worker: bool = True, **sections) -> NodeService:
-        config = node_config(data_dir or tmp_path / "node", tiny_checkpoint, **sections)
+        config = node_config(data_dir or tmp_path / "node", tiny_checkpoint, database_url, **sections)
         service = NodeService(config, run_worker=run_worker)
         service.start()
         services.append(service)
