@@ -92,6 +92,7 @@ def configure_logging(log_format: str = "json", level: str = "info", stream=None
     # can include patient names; keep it at warning unless the node itself debugs.
     logging.getLogger("pynetdicom").setLevel(max(numeric_level, logging.WARNING))
     logging.getLogger("apscheduler").setLevel(max(numeric_level, logging.WARNING))
+    logging.getLogger("alembic").setLevel(max(numeric_level, logging.WARNING))
     # highdicom logs each module it copies at info level.
     logging.getLogger("highdicom").setLevel(max(numeric_level, logging.WARNING))
 

@@ -43,6 +43,26 @@ from node.store import FileStore
 log = structlog.get_logger(__name__)
 
 DEMO_CHECKPOINT_FOLDER = "models/libra-tiny-demo"
+EMPTY_FINDINGS_TEXT = "[The model returned no findings text.]"
+
+# DICOM text values (PS3.5 6.1.3) allow no control characters other than TAB, LF, FF and CR.
+_ALLOWED_CONTROL_CHARACTERS = {"\t", "\n", "\f", "\r"}
+
+
+def clean_findings_text(text: str) -> tuple[str, int]:
+    """Remove the control characters that DICOM text values forbid; return the text and how many.
+
+    A model can emit any character through byte-fallback tokens, so its output is cleaned
+    before it reaches the SR. Text that is empty afterwards is replaced by a statement.
+    """
+    kept = [
+        character
+        for character in text
+        if character in _ALLOWED_CONTROL_CHARACTERS
+        or not (ord(character) < 0x20 or 0x7F <= ord(character) <= 0x9F)
+    ]
+    cleaned = "".join(kept).strip()
+    return cleaned or EMPTY_FINDINGS_TEXT, len(text) - len(kept)
 
 
 @dataclass(frozen=True)
@@ -118,8 +138,12 @@ class Worker:
         """Load the report generator once; later jobs reuse it."""
         if self.generator is not None:
             return
+        import transformers
+
         from libra_model import ReportGenerator
 
+        # Progress bars would interleave with the JSON log lines on standard error.
+        transformers.utils.logging.disable_progress_bar()
         model_path = resolve_model_path(self.config)
         started = time.monotonic()
         self.generator = ReportGenerator.from_pretrained(
@@ -335,8 +359,11 @@ class Worker:
             decode_seconds=round(generated.decode_seconds, 4),
             model_seconds=round(generated.total_seconds, 4),
         )
+        findings_text, removed_characters = clean_findings_text(generated.findings_text)
+        if removed_characters:
+            log.warning("worker.control_characters_removed", removed_characters=removed_characters)
         report = DraftReport(
-            findings_text=generated.findings_text,
+            findings_text=findings_text,
             model_name=generated.model_name,
             checkpoint_sha256=generated.checkpoint_sha256,
             is_demo_checkpoint=generated.is_demo_checkpoint,
