@@ -182,6 +182,7 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
@@ -241,11 +242,11 @@ class Receiver:
             "peer_port": assoc.requestor.port,
         }
         log.info("receiver.association_accepted", **context)
-        for presentation_context in assoc.rejected_contexts:
+        rejected_sop_class_uids = sorted({str(item.abstract_syntax) for item in assoc.rejected_contexts})
+        if rejected_sop_class_uids:
             log.warning(
-                "receiver.presentation_context_rejected",
-                sop_class_uid=str(presentation_context.abstract_syntax),
-                transfer_syntaxes=[str(syntax) for syntax in presentation_context.transfer_syntax],
+                "receiver.presentation_contexts_rejected",
+                rejected_sop_class_uids=rejected_sop_class_uids,
                 reason="SOP class or transfer syntax not stored by the node",
                 **context,
             )
@@ -266,6 +267,10 @@ class Receiver:
             calling_ae_title=event.assoc.requestor.ae_title.strip(),
             peer_host=event.assoc.requestor.address,
         )
+        _discard_partial_dataset(event.assoc)
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        _discard_partial_dataset(event.assoc)
 
     # -- services --------------------------------------------------------------------------
 
@@ -431,6 +436,27 @@ class Receiver:
             DimseStatus.DUPLICATE_SOP_INSTANCE,
             "an instance with this SOP Instance UID and different content is stored; the first copy is kept",
         )
+
+
+def _discard_partial_dataset(assoc) -> None:
+    """Delete the temporary file of a C-STORE data set that was cut off by an abort or a lost connection.
+
+    pynetdicom keeps the message being received on `assoc.dimse.message`; a complete message
+    has already been handed to the C-STORE handler and taken off it.
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial_file = getattr(message, "_data_set_file", None)
+    if partial_file is None:
+        return
+    partial_file.close()
+    Path(partial_file.name).unlink(missing_ok=True)
+    message._data_set_file = None
+    log.warning(
+        "receiver.partial_dataset_discarded",
+        sop_instance_uid=str(getattr(message.command_set, "AffectedSOPInstanceUID", "") or ""),
+        calling_ae_title=assoc.requestor.ae_title.strip(),
+        peer_host=assoc.requestor.address,
+    )
 
 
 def _status_with_comment(status: DimseStatus, reason: str) -> Dataset:

@@ -10,8 +10,6 @@ PostgreSQL), so two senders never send one entry at the same time.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from sqlalchemy.orm import Session
 from node.config import DestinationSettings, NodeConfig
 from node.dimse_status import status_category, status_name
 from node.index.models import OutboxEntry, OutboxState, StructuredReport, StudyState, utc_now
+from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
 from node.store import FileStore
 
@@ -103,7 +102,7 @@ class Sender:
         self.index = index
         self.store = store
         self.poll_seconds = poll_seconds
-        self.sender_id = f"sender:{socket.gethostname()}:{os.getpid()}"
+        self.sender_id = lease_owner_name("sender")
         self._destinations = {destination.name: destination for destination in config.destinations}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -111,6 +110,7 @@ class Sender:
 
     def start(self) -> None:
         """Start delivering in a background thread."""
+        self.release_dead_claims()
         self._thread = threading.Thread(target=self._run, name="libra-sender", daemon=True)
         self._thread.start()
 
@@ -120,6 +120,29 @@ class Sender:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
+
+    def release_dead_claims(self) -> int:
+        """Make the entries of crashed senders on this host due again without waiting for their leases."""
+        with self.index.transaction() as session:
+            sending = session.scalars(select(OutboxEntry).where(OutboxEntry.state == OutboxState.SENDING)).all()
+            released = [entry for entry in sending if is_dead_local_owner(entry.lease_owner, "sender")]
+            for entry in released:
+                record_audit(
+                    session,
+                    entity="outbox",
+                    entity_id=entry.id,
+                    from_state=OutboxState.SENDING.value,
+                    to_state=OutboxState.PENDING.value,
+                    actor=self.sender_id,
+                    reason=f"lease owner {entry.lease_owner} is no longer running",
+                    study_instance_uid=entry.structured_report.study.study_instance_uid,
+                )
+                log.warning("sender.entry_released", outbox_id=entry.id, destination=entry.destination)
+                entry.state = OutboxState.PENDING
+                entry.lease_owner = ""
+                entry.lease_expires_at = None
+                entry.next_attempt_at = utc_now()
+            return len(released)
 
     def wake(self) -> None:
         """Look for due entries now instead of at the next poll."""

@@ -6,6 +6,7 @@ import os
 import threading
 
 import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import NodeConfig
 from node.index.session import IndexDatabase
@@ -45,11 +46,24 @@ class NodeService:
         self.timer = StabilityTimer(config, self.index)
         self.worker = Worker(config, self.index, self.store) if run_worker and config.worker.enabled else None
         self.sender = Sender(config, self.index, self.store)
+        self.maintenance = BackgroundScheduler(timezone="UTC")
+        # A partial file outlives its association by at most this long (see remove_stale_incoming).
+        stale_after_seconds = config.node.network_timeout_seconds + config.node.dimse_timeout_seconds
+        self.maintenance.add_job(
+            self.store.remove_stale_incoming,
+            "interval",
+            seconds=60,
+            args=(stale_after_seconds,),
+            max_instances=1,
+            coalesce=True,
+            id="stale-incoming-sweep",
+        )
         self.stopped = threading.Event()
 
     def start(self) -> None:
         """Start every part; the receiver accepts associations when this returns."""
         self.store.clean_incoming()
+        self.maintenance.start()
         if not self.config.callers:
             log.warning("receiver.any_caller_allowed", reason="no [[callers]] configured; every calling AE title may store")
         if self.worker is not None:
@@ -69,6 +83,7 @@ class NodeService:
     def stop(self) -> None:
         """Stop accepting associations, then let the timer, worker and sender finish what is in hand."""
         self.receiver.stop()
+        self.maintenance.shutdown(wait=True)
         self.timer.stop()
         if self.worker is not None:
             self.worker.stop()

@@ -10,8 +10,6 @@ fails `max_attempts` times is marked failed with its error and stays visible.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from node.index.models import (
     StudyState,
     utc_now,
 )
+from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
 from node.priors import find_prior_study
 from node.sr_builder import DeviceIdentity, DraftReport, SRDocumentClass, build_draft_sr
@@ -119,7 +118,7 @@ class Worker:
         self.config = config
         self.index = index
         self.store = store
-        self.worker_id = worker_id or f"worker:{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = worker_id or lease_owner_name("worker")
         self.generator = None
         self.device = DeviceIdentity(
             device_uid=load_or_create_device_uid(config.node.data_dir),
@@ -158,6 +157,7 @@ class Worker:
 
     def start(self) -> None:
         """Load the model and start claiming jobs in a background thread."""
+        self.release_dead_claims()
         self._thread = threading.Thread(target=self._run, name="libra-worker", daemon=True)
         self._thread.start()
 
@@ -175,13 +175,18 @@ class Worker:
 
     def release_claims(self) -> int:
         """Return every job this worker holds to the queue; return how many were released."""
+        return self._release(lambda owner: owner == self.worker_id, "worker stopping; job released")
+
+    def release_dead_claims(self) -> int:
+        """Return the jobs of crashed workers on this host to the queue without waiting for their leases."""
+        return self._release(lambda owner: is_dead_local_owner(owner, "worker"), "lease owner is no longer running")
+
+    def _release(self, owner_matches, reason: str) -> int:
         with self.index.transaction() as session:
-            jobs = session.scalars(
-                select(ReportJob).where(ReportJob.state == JobState.RUNNING, ReportJob.lease_owner == self.worker_id)
-            ).all()
+            running = session.scalars(select(ReportJob).where(ReportJob.state == JobState.RUNNING)).all()
+            jobs = [job for job in running if owner_matches(job.lease_owner)]
             for job in jobs:
                 job.state = JobState.QUEUED
-                job.lease_owner = ""
                 job.lease_expires_at = None
                 if job.study.state == StudyState.RUNNING:
                     job.study.state = StudyState.QUEUED
@@ -192,10 +197,11 @@ class Worker:
                     from_state=JobState.RUNNING.value,
                     to_state=JobState.QUEUED.value,
                     actor=self.worker_id,
-                    reason="worker stopping; job released",
+                    reason=f"{reason} ({job.lease_owner})",
                     study_instance_uid=job.study.study_instance_uid,
                 )
-                log.warning("worker.job_released", job_id=job.id, study_instance_uid=job.study.study_instance_uid)
+                log.warning("worker.job_released", job_id=job.id, study_instance_uid=job.study.study_instance_uid, reason=reason)
+                job.lease_owner = ""
             return len(jobs)
 
     def _run(self) -> None:

@@ -32,7 +32,12 @@ class NodeProcess:
         self.name = name
         self.command = command
         self.config_path = workdir / f"{name}.toml"
+        # Each start gets its own log, so a restart never sees the events of the process before it.
         self.log_path = workdir / f"{name}.log"
+        restart_number = 1
+        while self.log_path.exists():
+            restart_number += 1
+            self.log_path = workdir / f"{name}.{restart_number}.log"
         self.config_path.write_text(tomlkit.dumps(document))
         self.port = document.get("node", {}).get("port")
         environment = os.environ | {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}

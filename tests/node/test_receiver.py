@@ -147,8 +147,8 @@ def test_c_store_ct_context_rejected_others_accepted(receiving_node):
         result = dcmsend(receiving_node.receiver.port, CHEST_CT, CHEST_PA_JPEG_BASELINE)
     assert "No presentation context" in result.stderr
     assert _instance_count(receiving_node) == 1
-    rejected = [entry for entry in logs if entry["event"] == "receiver.presentation_context_rejected"]
-    assert {entry["sop_class_uid"] for entry in rejected} == {"1.2.840.10008.5.1.4.1.1.2"}
+    rejected = [entry for entry in logs if entry["event"] == "receiver.presentation_contexts_rejected"]
+    assert rejected[0]["rejected_sop_class_uids"] == ["1.2.840.10008.5.1.4.1.1.2"]
 
 
 def test_c_store_log_lines_carry_no_patient_identity(receiving_node, chest):
@@ -158,3 +158,21 @@ def test_c_store_log_lines_carry_no_patient_identity(receiving_node, chest):
     assert str(chest.PatientID) not in text
     assert str(chest.PatientName) not in text
     assert any(entry.get("sop_instance_uid") == chest.SOPInstanceUID for entry in logs)
+
+
+def test_c_store_same_patient_id_other_issuer_is_other_patient(receiving_node, chest):
+    from node.index.models import Patient
+
+    other = copy.deepcopy(chest)
+    other.IssuerOfPatientID = "OTHER_HOSPITAL"
+    other.StudyInstanceUID = generate_uid()
+    other.SeriesInstanceUID = generate_uid()
+    other.SOPInstanceUID = generate_uid()
+    assert _store(receiving_node.receiver.port, chest) == DimseStatus.SUCCESS
+    with capture_logs() as logs:
+        assert _store(receiving_node.receiver.port, other) == DimseStatus.SUCCESS
+    with receiving_node.index.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Patient)) == 2
+    clashes = [entry for entry in logs if entry["event"] == "index.patient_id_clash"]
+    assert len(clashes) == 1
+    assert str(chest.PatientID) not in repr(clashes)

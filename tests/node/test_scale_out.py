@@ -99,19 +99,28 @@ def test_killed_worker_job_completed_by_another(tmp_path, tiny_checkpoint, postg
             "worker": {"poll_seconds": 0.2, "lease_seconds": 3},
         }
         receiver = NodeProcess(tmp_path, "receiver", process_document(shared_store, tiny_checkpoint, postgres_url, **sections), extra_args=("--no-worker",))
-        first_worker = NodeProcess(tmp_path, "worker1", process_document(shared_store, tiny_checkpoint, postgres_url, **sections), command="worker")
-        processes.extend([receiver, first_worker])
-        receiver.wait_ready()
-        first_worker.wait_ready()
+        workers = [
+            NodeProcess(tmp_path, f"worker{number}", process_document(shared_store, tiny_checkpoint, postgres_url, **sections), command="worker")
+            for number in (1, 2)
+        ]
+        processes.extend([receiver, *workers])
+        for process in (receiver, *workers):
+            process.wait_ready()
 
         send_datasets("LIBRA_NODE", "127.0.0.1", receiver.port, _studies(1), "MODALITY1")
-        first_worker.wait_for_event("worker.job_claimed", timeout_seconds=60)
-        first_worker.kill()
+        claimed_by = wait_until(
+            lambda: [worker for worker in workers if any(entry["event"] == "worker.job_claimed" for entry in worker.events())],
+            60,
+            "a worker claims the job",
+        )
+        killed = claimed_by[0]
+        survivor = workers[1] if killed is workers[0] else workers[0]
+        killed.kill()
         assert counter.received == {}
 
-        second_worker = NodeProcess(tmp_path, "worker2", process_document(shared_store, tiny_checkpoint, postgres_url, **sections), command="worker")
-        processes.append(second_worker)
-        claims = second_worker.wait_for_event("worker.job_claimed", timeout_seconds=60)
+        # The survivor was already running, so it takes the job over only when the lease expires,
+        # as a worker on another machine would.
+        claims = survivor.wait_for_event("worker.job_claimed", timeout_seconds=60)
         assert claims[0]["reclaimed"] is True
         wait_until(lambda: len(counter.received) == 1, 180, "the SR arrives after the reclaim")
         index = IndexDatabase(postgres_url)
