@@ -115,17 +115,26 @@ class Sender:
         self._thread.start()
 
     def stop(self, timeout_seconds: float = 60.0) -> None:
-        """Stop after the send in hand and wait for the thread."""
+        """Stop after the send in hand and wait for the thread.
+
+        An entry still being sent after `timeout_seconds` is made pending again, so that no
+        row stays claimed by a process that is exiting.
+        """
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
+            if self._thread.is_alive():
+                self._release(lambda owner: owner == self.sender_id, "sender stopping; entry released")
 
     def release_dead_claims(self) -> int:
         """Make the entries of crashed senders on this host due again without waiting for their leases."""
+        return self._release(lambda owner: is_dead_local_owner(owner, "sender"), "lease owner is no longer running")
+
+    def _release(self, owner_matches, reason: str) -> int:
         with self.index.transaction() as session:
             sending = session.scalars(select(OutboxEntry).where(OutboxEntry.state == OutboxState.SENDING)).all()
-            released = [entry for entry in sending if is_dead_local_owner(entry.lease_owner, "sender")]
+            released = [entry for entry in sending if owner_matches(entry.lease_owner)]
             for entry in released:
                 record_audit(
                     session,
@@ -134,10 +143,10 @@ class Sender:
                     from_state=OutboxState.SENDING.value,
                     to_state=OutboxState.PENDING.value,
                     actor=self.sender_id,
-                    reason=f"lease owner {entry.lease_owner} is no longer running",
+                    reason=f"{reason} ({entry.lease_owner})",
                     study_instance_uid=entry.structured_report.study.study_instance_uid,
                 )
-                log.warning("sender.entry_released", outbox_id=entry.id, destination=entry.destination)
+                log.warning("sender.entry_released", outbox_id=entry.id, destination=entry.destination, reason=reason)
                 entry.state = OutboxState.PENDING
                 entry.lease_owner = ""
                 entry.lease_expires_at = None
