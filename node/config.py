@@ -18,7 +18,7 @@ AE_TITLE_MAX_LENGTH = 16
 
 
 class ConfigError(ValueError):
-    """The configuration file is missing, is not TOML, or holds an invalid value."""
+    """The configuration file is missing, is not TOML, or contains an invalid value."""
 
 
 def validate_ae_title(value: str) -> str:
@@ -224,12 +224,12 @@ def parse_config(data: dict[str, Any], source: str = "configuration") -> NodeCon
 def load_config(path: Path | str) -> NodeConfig:
     """Read and validate a TOML configuration file.
 
-    A relative `data_dir` is taken relative to the folder that holds the file.
+    A relative `data_dir` is taken relative to the folder that contains the file.
 
     Raises
     ------
     ConfigError
-        When the file is missing, is not valid TOML, or holds an invalid value.
+        When the file is missing, is not valid TOML, or contains an invalid value.
     """
     path = Path(path)
     try:

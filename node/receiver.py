@@ -287,7 +287,7 @@ class Receiver:
         return DimseStatus.SUCCESS
 
     def _on_c_store(self, event: evt.Event) -> int | Dataset:
-        """Handle a C-STORE request: check, write durably, index, then answer.
+        """Handle a C-STORE request: check, write durably, index, then return the status.
 
         Statuses returned (PS3.4 B.2.3, PS3.7 C):
 

@@ -67,7 +67,7 @@ def sha256_file(path: Path) -> str:
 
 
 class FileStore:
-    """The folder that holds received instances and written SRs.
+    """The folder that contains received instances and written SRs.
 
     Parameters
     ----------
