@@ -10,7 +10,7 @@ was checked to be there.
 
 Run from the repository root:
 
-    .venv/bin/python -m bench.ingest                      # default: 24 files, 3 rounds, 1 and 4 associations
+    .venv/bin/python -m bench.ingest                      # default: 40 files, 5 rounds, 1 and 4 associations
     .venv/bin/python -m bench.ingest --count 64 --rounds 5 --json out.json --plot docs/img/ingest_rate.png
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -33,10 +34,14 @@ from bench.servers import (
     BASELINE_AE_TITLE,
     MODALITY_AE_TITLE,
     NODE_AE_TITLE,
+    REPO_ROOT,
     NodeProcess,
     ServerProcess,
     dcmtk_storescp,
+    dcmtk_tool,
     pynetdicom_storescp,
+    read_cpu_seconds,
+    read_machine_busy_seconds,
     read_memory_kib,
     start_node,
 )
@@ -62,6 +67,9 @@ class SendRun:
     images: int
     received: int
     total_bytes: int
+    server_cpu_seconds: float
+    sender_cpu_seconds: float
+    machine_busy_seconds: float
     error: str = ""
 
     @property
@@ -78,6 +86,11 @@ class SendRun:
     def megabytes_per_second(self) -> float:
         """File bytes received per second, in MB (10^6 bytes)."""
         return self.total_bytes / self.seconds / 1e6
+
+    @property
+    def other_cores(self) -> float:
+        """Cores busy with processes other than this server and its senders, on average over the run."""
+        return max(0.0, self.machine_busy_seconds - self.server_cpu_seconds - self.sender_cpu_seconds) / self.seconds
 
 
 class MemorySampler:
@@ -118,13 +131,17 @@ def split_files(files: list[Path], parts: int, folder: Path) -> list[Path]:
     return folders
 
 
-def send_folders(port: int, called_ae_title: str, folders: list[Path]) -> tuple[float, list[int], str]:
-    """Run one dcmtk storescu per folder at the same time; return (wall seconds, exit statuses, stderr tail)."""
+def send_folders(port: int, called_ae_title: str, folders: list[Path]) -> tuple[float, list[int], str, float]:
+    """Run one dcmtk storescu per folder at the same time.
+
+    Returns the wall seconds, the exit statuses, the stderr tail of failed senders and their CPU seconds.
+    """
     commands = [
-        ["storescu", "-aet", MODALITY_AE_TITLE, "-aec", called_ae_title, "--required", "--scan-directories",
+        [dcmtk_tool("storescu"), "-aet", MODALITY_AE_TITLE, "-aec", called_ae_title, "--required", "--scan-directories",
          "127.0.0.1", str(port), str(folder)]
         for folder in folders
     ]
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for command in commands]
     outputs = []
@@ -136,37 +153,53 @@ def send_folders(port: int, called_ae_title: str, folders: list[Path]) -> tuple[
             _, stderr = process.communicate()
         outputs.append(stderr.decode(errors="replace"))
     seconds = time.perf_counter() - started
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sender_cpu_seconds = (children_after.ru_utime - children_before.ru_utime) + (
+        children_after.ru_stime - children_before.ru_stime
+    )
     statuses = [process.returncode for process in processes]
     failed_output = "\n".join(output for output, status in zip(outputs, statuses) if status != 0)
-    return seconds, statuses, failed_output[-800:]
+    return seconds, statuses, failed_output[-800:], sender_cpu_seconds
 
 
-def start_server(name: str, work_dir: Path, label: str) -> ServerProcess:
-    """Start the node or a baseline SCP with a fresh output folder."""
-    if name == "node":
-        return start_node(work_dir, label, run_worker=False, worker={"enabled": False})
+def start_server(name: str, work_dir: Path, label: str, before_checkout: Path | None) -> ServerProcess:
+    """Start the node (this checkout's, or `before_checkout`'s for "node-before") or a baseline SCP."""
+    if name in ("node", "node-before"):
+        checkout = before_checkout if name == "node-before" else REPO_ROOT
+        return start_node(work_dir, label, run_worker=False, checkout=checkout, worker={"enabled": False})
     if name == "pynetdicom":
         return pynetdicom_storescp(work_dir, label).start()
     return dcmtk_storescp(work_dir, label, fork=name == "dcmtk-fork").start()
 
 
 def measure(
-    name: str, round_number: int, concurrency: int, folders: list[Path], expected: int, total_bytes: int, work_dir: Path
+    name: str,
+    round_number: int,
+    concurrency: int,
+    folders: list[Path],
+    expected: int,
+    total_bytes: int,
+    work_dir: Path,
+    before_checkout: Path | None,
 ) -> tuple[SendRun, dict]:
     """Start one server, send every file to it, check what arrived, stop it; return the run and memory figures."""
     label = f"r{round_number}-c{concurrency}-{name}"
-    server = start_server(name, work_dir, label)
+    server = start_server(name, work_dir, label, before_checkout)
     memory: dict[str, int] = {}
     try:
-        called_ae_title = NODE_AE_TITLE if isinstance(server, NodeProcess) else BASELINE_AE_TITLE
-        if isinstance(server, NodeProcess):
+        is_node = isinstance(server, NodeProcess)
+        called_ae_title = NODE_AE_TITLE if is_node else BASELINE_AE_TITLE
+        if is_node and name == "node":
             memory["idle_rss_kib"] = read_memory_kib(server.pid)["VmRSS"]
-            with MemorySampler(server.pid) as sampler:
-                seconds, statuses, errors = send_folders(server.port, called_ae_title, folders)
+        server_cpu_before = read_cpu_seconds(server.pid)
+        machine_busy_before = read_machine_busy_seconds()
+        with MemorySampler(server.pid) as sampler:
+            seconds, statuses, errors, sender_cpu_seconds = send_folders(server.port, called_ae_title, folders)
+        machine_busy_seconds = read_machine_busy_seconds() - machine_busy_before
+        server_cpu_seconds = read_cpu_seconds(server.pid) - server_cpu_before
+        if is_node and name == "node":
             memory["receiving_peak_rss_kib"] = sampler.peak_kib
             memory["hwm_kib"] = read_memory_kib(server.pid)["VmHWM"]
-        else:
-            seconds, statuses, errors = send_folders(server.port, called_ae_title, folders)
         received = server.received_files()
     finally:
         server.stop()
@@ -176,7 +209,10 @@ def measure(
         error = f"storescu exit statuses {statuses}: {errors.strip()}"
     elif received != expected:
         error = f"{received} of {expected} files arrived; see {server.log_path}"
-    run = SendRun(round_number, name, concurrency, seconds, expected, received, total_bytes, error)
+    run = SendRun(
+        round_number, name, concurrency, seconds, expected, received, total_bytes,
+        server_cpu_seconds, sender_cpu_seconds, machine_busy_seconds, error,
+    )
     return run, memory
 
 
@@ -232,8 +268,10 @@ def print_run(run: SendRun) -> None:
     """Print one run as a table row."""
     status = "ok" if run.ok else f"FAILED: {run.error}"
     print(
-        f"round {run.round}  {run.server:<11} x{run.concurrency}  {run.seconds:7.2f} s  "
-        f"{run.images_per_second:7.2f} images/s  {run.megabytes_per_second:7.1f} MB/s  {status}",
+        f"round {run.round}  {run.server:<11} x{run.concurrency}  {run.seconds:6.2f} s  "
+        f"{run.images_per_second:6.2f} images/s  {run.megabytes_per_second:6.1f} MB/s  "
+        f"CPU ms/image: server {run.server_cpu_seconds / run.images * 1000:5.1f}, "
+        f"storescu {run.sender_cpu_seconds / run.images * 1000:4.1f}; other processes {run.other_cores:.2f} cores  {status}",
         flush=True,
     )
 
@@ -320,13 +358,18 @@ def plot_rates(runs: list[SendRun], servers: list[str], concurrencies: list[int]
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=24, help="instances sent to each server per run (default: %(default)s)")
+    parser.add_argument("--count", type=int, default=40, help="instances sent to each server per run (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=2500, help="image rows in pixels (default: %(default)s)")
     parser.add_argument("--columns", type=int, default=2000, help="image columns in pixels (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all servers (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="associations at once (default: 1 4)")
     parser.add_argument(
         "--baselines", nargs="*", choices=BASELINES, default=list(BASELINES), help="baseline SCPs (default: all three)"
+    )
+    parser.add_argument(
+        "--before-checkout",
+        type=Path,
+        help="also measure the node of this repository checkout as 'node-before', for before/after ratios in one run",
     )
     parser.add_argument("--work-dir", type=Path, help="folder for files and servers (default: a new temporary folder, removed at the end)")
     parser.add_argument("--json", type=Path, help="write every run, the medians and the ratios to this JSON file")
@@ -342,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     work_dir = arguments.work_dir or Path(tempfile.mkdtemp(prefix="libra-bench-ingest-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    servers = ["node", *arguments.baselines]
+    servers = ["node", *(["node-before"] if arguments.before_checkout else []), *arguments.baselines]
     try:
         print(f"Writing {arguments.count} instances of {arguments.rows} x {arguments.columns} pixels to {work_dir}", flush=True)
         files = write_instances(work_dir / "instances", arguments.count, arguments.rows, arguments.columns)
@@ -358,14 +401,15 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in arguments.concurrency:
                 for name in order:
                     run, memory = measure(
-                        name, round_number, concurrency, parts[concurrency], len(files), total_bytes, work_dir
+                        name, round_number, concurrency, parts[concurrency], len(files), total_bytes, work_dir,
+                        arguments.before_checkout.resolve() if arguments.before_checkout else None,
                     )
                     runs.append(run)
                     if memory:
                         memory_samples.append(memory | {"round": round_number, "concurrency": concurrency})
                     print_run(run)
 
-        ratios = round_ratios(runs, arguments.baselines, arguments.concurrency)
+        ratios = round_ratios(runs, servers[1:], arguments.concurrency)
         summary = summarize(runs, ratios, servers, arguments.concurrency)
         if memory_samples:
             print("\nNode resident memory (MiB): idle after start, peak while receiving, VmHWM at the end:")
@@ -382,7 +426,15 @@ def main(argv: list[str] | None = None) -> int:
             document = {
                 "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in vars(arguments).items()},
                 "file_bytes": total_bytes,
-                "runs": [asdict(run) | {"images_per_second": run.images_per_second, "megabytes_per_second": run.megabytes_per_second} for run in runs],
+                "runs": [
+                    asdict(run)
+                    | {
+                        "images_per_second": run.images_per_second,
+                        "megabytes_per_second": run.megabytes_per_second,
+                        "other_cores": run.other_cores,
+                    }
+                    for run in runs
+                ],
                 "ratios": ratios,
                 "memory": memory_samples,
                 **summary,

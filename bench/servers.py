@@ -7,6 +7,7 @@ benchmarks use each server as a context manager, so a failed run stops it too.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -53,6 +54,28 @@ def wait_for_port(port: int, timeout_seconds: float, process: subprocess.Popen |
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_seconds} s")
 
 
+@functools.cache
+def dcmtk_tool(name: str) -> str:
+    """Return the path of a dcmtk program on PATH, skipping pynetdicom's apps of the same name.
+
+    pynetdicom installs `storescu` and `storescp` console scripts into the virtual environment,
+    which come first on PATH while it is active, so the version output is checked.
+
+    Raises
+    ------
+    FileNotFoundError
+        When no dcmtk program of that name is on PATH; install the Debian package dcmtk.
+    """
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=30)
+        if "dcmtk" in (version.stdout + version.stderr).lower():
+            return str(candidate)
+    raise FileNotFoundError(f"dcmtk's {name} is not on PATH: install the Debian package dcmtk")
+
+
 def read_memory_kib(pid: int) -> dict[str, int]:
     """Return VmRSS and VmHWM (peak resident set) of a process in KiB, from /proc/PID/status."""
     values = {}
@@ -72,11 +95,30 @@ def node_command() -> list[str]:
     return [sys.executable, "-m", "node.cli"]
 
 
-def checkout_environment() -> dict[str, str]:
-    """Return the environment of child processes, with this checkout first on the module path."""
+def read_cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time of a process and its waited-for children, in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat_file:
+        fields = stat_file.read().rpartition(")")[2].split()
+    # Fields 14 to 17 of proc(5): utime, stime, cutime, cstime; the split starts at field 3.
+    ticks = sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def read_machine_busy_seconds() -> float:
+    """Return the CPU time all processes spent busy since boot (every core), from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat_file:
+        values = [int(value) for value in stat_file.readline().split()[1:]]
+    # The first line is user, nice, system, idle, iowait, irq, softirq, steal, ...: idle and
+    # iowait are not busy, and the guest columns are already counted in user.
+    busy_ticks = sum(values[:8]) - values[3] - values[4]
+    return busy_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def checkout_environment(checkout: Path = REPO_ROOT) -> dict[str, str]:
+    """Return the environment of child processes, with `checkout` first on the module path."""
     environment = dict(os.environ)
     existing = environment.get("PYTHONPATH", "")
-    environment["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + existing if existing else "")
+    environment["PYTHONPATH"] = str(checkout) + (os.pathsep + existing if existing else "")
     environment.setdefault("HF_HUB_OFFLINE", "1")
     return environment
 
@@ -222,8 +264,14 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))
 
 
-def start_node(work_dir: Path, name: str, run_worker: bool, **sections: dict) -> NodeProcess:
-    """Start `libra-node run` with a fresh data folder under `work_dir` and return it once ready."""
+def start_node(
+    work_dir: Path, name: str, run_worker: bool, checkout: Path = REPO_ROOT, **sections: dict
+) -> NodeProcess:
+    """Start `libra-node run` with a fresh data folder under `work_dir` and return it once ready.
+
+    `checkout` is the repository whose `node` package runs, this one by default; another
+    checkout gives before and after figures from one benchmark script.
+    """
     port = free_port()
     data_dir = work_dir / name
     config_path = write_node_config(work_dir / f"{name}.toml", data_dir, port, **sections)
@@ -236,7 +284,7 @@ def start_node(work_dir: Path, name: str, run_worker: bool, **sections: dict) ->
         port=port,
         output_dir=data_dir,
         log_path=work_dir / f"{name}.log",
-        environment=checkout_environment(),
+        environment=checkout_environment(checkout),
         ready_timeout_seconds=300.0,
     )
     return node.start()
@@ -262,7 +310,7 @@ def dcmtk_storescp(work_dir: Path, name: str, fork: bool) -> ServerProcess:
     """
     port = free_port()
     output_dir = work_dir / name
-    command = ["storescp", "--aetitle", BASELINE_AE_TITLE, "--output-directory", str(output_dir)]
+    command = [dcmtk_tool("storescp"), "--aetitle", BASELINE_AE_TITLE, "--output-directory", str(output_dir)]
     if fork:
         command.append("--fork")
     command.append(str(port))
