@@ -89,7 +89,7 @@ class SendRun:
 
     @property
     def other_cores(self) -> float:
-        """Cores busy with processes other than this server and its senders, on average over the run."""
+        """Cores busy outside the server process and the senders (other processes, kernel writeback, unreaped children), averaged over the run."""
         return max(0.0, self.machine_busy_seconds - self.server_cpu_seconds - self.sender_cpu_seconds) / self.seconds
 
 
@@ -271,7 +271,7 @@ def print_run(run: SendRun) -> None:
         f"round {run.round}  {run.server:<11} x{run.concurrency}  {run.seconds:6.2f} s  "
         f"{run.images_per_second:6.2f} images/s  {run.megabytes_per_second:6.1f} MB/s  "
         f"CPU ms/image: server {run.server_cpu_seconds / run.images * 1000:5.1f}, "
-        f"storescu {run.sender_cpu_seconds / run.images * 1000:4.1f}; other processes {run.other_cores:.2f} cores  {status}",
+        f"storescu {run.sender_cpu_seconds / run.images * 1000:4.1f}; rest of machine {run.other_cores:.2f} cores  {status}",
         flush=True,
     )
 

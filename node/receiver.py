@@ -155,7 +155,8 @@ class Receiver:
     hash_key
         The key of the patient hashes in log lines.
     on_instance_stored
-        Called after each successful C-STORE with the study UID (used by tests and metrics).
+        Called after each successful C-STORE with the Study Instance UID; the node schedules the
+        study's stability check with it.
     """
 
     def __init__(

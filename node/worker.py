@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,14 @@ class Worker:
         The lease owner name written to claimed rows; host and process id by default.
     """
 
-    def __init__(self, config: NodeConfig, index: IndexDatabase, store: FileStore, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: IndexDatabase,
+        store: FileStore,
+        worker_id: str | None = None,
+        on_outbox_added: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.store = store
@@ -108,7 +116,9 @@ class Worker:
             manufacturer=config.report.manufacturer,
             institution_name=config.report.institution_name or None,
         )
+        self.on_outbox_added = on_outbox_added
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.model_loaded = threading.Event()
 
@@ -144,10 +154,15 @@ class Worker:
         no row stays claimed by a process that is exiting.
         """
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
             if self._thread.is_alive():
                 self.release_claims()
+
+    def wake(self) -> None:
+        """Look for queued jobs now instead of at the next poll."""
+        self._wake.set()
 
     def release_claims(self) -> int:
         """Return every job this worker holds to the queue; return how many were released."""
@@ -187,7 +202,8 @@ class Worker:
                 log.error("worker.loop_failed", exc_info=exc)
                 handled = False
             if not handled:
-                self._stop.wait(self.config.worker.poll_seconds)
+                self._wake.wait(self.config.worker.poll_seconds)
+                self._wake.clear()
 
     # -- one job -----------------------------------------------------------------------------
 
@@ -474,6 +490,8 @@ class Worker:
             )
         if not self.config.destinations:
             log.warning("worker.no_destinations", reason="SR kept in the store; add a [[destinations]] entry")
+        elif self.on_outbox_added is not None:
+            self.on_outbox_added()
 
     def _fail_job(self, job_id: int, error: Exception) -> None:
         message = f"{type(error).__name__}: {error}"
