@@ -1,7 +1,7 @@
 """End-to-end benchmark: from the last image's C-STORE response to the draft SR's arrival at PACS.
 
 The script starts a storage SCP of its own as the PACS (pynetdicom, in this process, recording
-when each SR association is requested and when each SR's C-STORE is answered) and a node as
+when each SR association is requested and when each SR's C-STORE gets its response) and a node as
 deployed (`libra-node run` with its worker and the tiny random checkpoint unless `--model-path`
 is given). For each synthetic patient it sends a prior study and waits for its SR, then sends
 the current study (PA and lateral) and waits for that SR, with pynetdicom as the modality. The
@@ -43,7 +43,7 @@ SR_TIMEOUT_SECONDS = 600.0
 TARGET_SECONDS = 1.0
 # Stage names in timeline order; the plot and the table use them.
 COMPONENTS = (
-    ("receive_tail", "last response to last index commit"),
+    ("receive_tail", "last index commit, relative to its response"),
     ("stability_timer", "stability timer after the deadline"),
     ("job_claim", "job claim"),
     ("input_loading", "inputs resolved and images read"),

@@ -1,8 +1,8 @@
 """Ingest benchmark: C-STORE throughput of the node against pynetdicom's and dcmtk's storescp.
 
-The script writes N chest-sized uncompressed CR instances, then in each round starts every
-server on a free loopback port (a fresh `libra-node run --no-worker` with a new data folder,
-pynetdicom's storescp app, dcmtk's storescp, and dcmtk's storescp --fork) and sends the same
+The script writes N chest-sized uncompressed CR instances. In each round it starts every
+server on a free loopback port: a fresh `libra-node run --no-worker` with a new data folder,
+pynetdicom's storescp app, dcmtk's storescp, and dcmtk's storescp --fork. It sends the same
 files to each with dcmtk's storescu, one process per association, each with a disjoint part
 of the files. The servers take turns, and the order rotates every round. Images/s and MB/s
 count from the start of the storescu processes to their exit, after every server-side file

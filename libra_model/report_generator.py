@@ -423,9 +423,9 @@ class ReportGenerator:
         """Return how many reports fit in one batch on this device, from 1 to `max_batch_size`.
 
         The estimate per report is its key/value cache over the prompt, the image patches and
-        `max_new_tokens`, plus the prompt step's largest activations; it is compared with 80 %
-        of the free memory (CUDA: `torch.cuda.mem_get_info`; CPU: the free pages of the
-        machine). NOTE: this is an estimate, not a measurement, so a batch can still run out of
+        `max_new_tokens`, plus the prompt step's largest activations. It is compared with 80 %
+        of the free memory, which is `torch.cuda.mem_get_info` on CUDA and the machine's free
+        pages on the CPU. NOTE: this is an estimate, not a measurement, so a batch can still run out of
         memory when other processes allocate at the same time.
         """
         if max_batch_size <= 1:

@@ -112,9 +112,9 @@ class StoreRejected(Exception):
 class LargeReadAssociationSocket(AssociationSocket):
     """An association socket that reads each PDU with as few recv() calls as the kernel allows.
 
-    pynetdicom 3.0's `AssociationSocket.recv` asks the kernel for at most 4096 bytes per call
-    and extends a bytearray after each, which is most of the receiver's CPU time for a 10 MB
-    image. This subclass reads into one preallocated buffer and returns the same bytes: all
+    pynetdicom 3.0's `AssociationSocket.recv` calls `socket.recv` with at most 4096 bytes and
+    extends a bytearray after each call. For a 10 MB image that was most of the receiver's
+    system CPU time. This subclass reads into one preallocated buffer and returns the same bytes: all
     `nr_bytes` of them, or fewer only when the peer closed the connection. Errors and timeouts
     propagate from `socket.recv_into` as they do from `socket.recv`.
     """
@@ -376,9 +376,9 @@ class Receiver:
         except InvalidUIDError as exc:
             raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
 
-        # The file is committed before the index is asked whether the SOP Instance UID is known,
-        # so the common case costs one index transaction: a copy at the same path fails the
-        # exclusive link below, and a copy indexed under other UIDs fails the unique index.
+        # The file is committed before the index is queried for the SOP Instance UID, so the
+        # common case costs one index transaction. A copy at the same path fails the exclusive
+        # link below, and a copy indexed under other UIDs fails the unique index.
         file_size = temporary_path.stat().st_size
         try:
             final_path = self.store.commit_file(temporary_path, relative_path)

@@ -42,7 +42,7 @@ class NodeService:
         self.index.prepare_schema(create_if_empty=self.index.is_sqlite)
         hash_key = load_or_create_hash_key(data_dir)
         # Each stage wakes the next one in this process when it commits work for it, so a report
-        # waits for no poll interval; the polls remain for work from other processes.
+        # waits for no poll interval. The polls remain for work from other processes.
         self.sender = Sender(config, self.index, self.store)
         self.worker = (
             Worker(config, self.index, self.store, on_outbox_added=self.sender.wake)

@@ -235,7 +235,7 @@ class Worker:
     def run_once(self) -> bool:
         """Claim the jobs that are ready, up to one batch, and run them; return False when none was ready.
 
-        A batch holds at most `worker.max_batch_size` jobs, and fewer when the generator
+        A batch contains at most `worker.max_batch_size` jobs, and fewer when the generator
         estimates that the device has room for fewer.
         """
         limit = 1
