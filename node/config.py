@@ -121,6 +121,8 @@ class ModelSettings(_Section):
     dtype: str = "auto"
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     dicom_conversion: Literal["mimic", "released"] = "mimic"
+    feature_cache_size: int = Field(default=32, ge=0)
+    feature_cache_dir: str = "feature_cache"
 
     @field_validator("device")
     @classmethod
@@ -145,6 +147,7 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
     lease_seconds: float = Field(default=300.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
+    max_batch_size: int = Field(default=4, ge=1)
 
 
 class ReportSettings(_Section):

@@ -42,10 +42,18 @@ class NodeService:
         # must be brought to the current schema with `libra-node db upgrade`.
         self.index.prepare_schema(create_if_empty=self.index.is_sqlite)
         hash_key = load_or_create_hash_key(data_dir)
-        self.receiver = Receiver(config, self.store, self.index, hash_key)
-        self.timer = StabilityTimer(config, self.index)
-        self.worker = Worker(config, self.index, self.store) if run_worker and config.worker.enabled else None
+        # Each stage wakes the next one in this process when it commits work for it, so a report
+        # waits for no poll interval. The polls remain for work from other processes.
         self.sender = Sender(config, self.index, self.store)
+        self.worker = (
+            Worker(config, self.index, self.store, on_outbox_added=self.sender.wake)
+            if run_worker and config.worker.enabled
+            else None
+        )
+        self.timer = StabilityTimer(config, self.index, on_jobs_queued=self.worker.wake if self.worker else None)
+        self.receiver = Receiver(
+            config, self.store, self.index, hash_key, on_instance_stored=self.timer.notify_instance_stored
+        )
         self.maintenance = BackgroundScheduler(timezone="UTC")
         # A partial file outlives its association by at most this long (see remove_stale_incoming).
         stale_after_seconds = config.node.network_timeout_seconds + config.node.dimse_timeout_seconds

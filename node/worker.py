@@ -9,16 +9,20 @@ fails `max_attempts` times is marked failed with its error and stays visible.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 import structlog
 from pydicom.uid import generate_uid
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 import node
 from node.config import NodeConfig, SRClass
@@ -38,6 +42,9 @@ from node.index.session import IndexDatabase, record_audit
 from node.priors import find_prior_study
 from node.sr_builder import DeviceIdentity, DraftReport, SRDocumentClass, build_draft_sr
 from node.store import FileStore
+
+if TYPE_CHECKING:
+    from libra_model.report_generator import GeneratedReport, ReportRequest
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +84,16 @@ class ReportInputs:
     predecessor_paths: dict[str, Path]
 
 
+@dataclass(frozen=True)
+class PreparedJob:
+    """A claimed job with its frontal images read, ready for the model."""
+
+    inputs: ReportInputs
+    current_frontal: pydicom.Dataset
+    prior_frontal: pydicom.Dataset | None
+    request: ReportRequest
+
+
 def load_or_create_device_uid(data_dir: Path) -> str:
     """Return this installation's device UID (the SR observer), created on first use."""
     path = data_dir / "device_uid"
@@ -104,7 +121,7 @@ def resolve_model_path(config: NodeConfig) -> Path:
 
 
 class Worker:
-    """A thread that runs report jobs one at a time with a model loaded once.
+    """A thread that runs report jobs, in batches of those ready together, with a model loaded once.
 
     Parameters
     ----------
@@ -114,7 +131,14 @@ class Worker:
         The lease owner name written to claimed rows; host and process id by default.
     """
 
-    def __init__(self, config: NodeConfig, index: IndexDatabase, store: FileStore, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: IndexDatabase,
+        store: FileStore,
+        worker_id: str | None = None,
+        on_outbox_added: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.store = store
@@ -127,7 +151,9 @@ class Worker:
             manufacturer=config.report.manufacturer,
             institution_name=config.report.institution_name or None,
         )
+        self.on_outbox_added = on_outbox_added
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.model_loaded = threading.Event()
 
@@ -151,9 +177,18 @@ class Worker:
             device=self.config.model.device,
             dtype=self.config.model.dtype,
             dicom_conversion=self.config.model.dicom_conversion,
+            feature_cache_size=self.config.model.feature_cache_size,
+            feature_cache_dir=self._feature_cache_dir(),
         )
         self.model_loaded.set()
         log.info("worker.model_loaded", model_path=str(model_path), load_seconds=round(time.monotonic() - started, 3))
+
+    def _feature_cache_dir(self) -> Path | None:
+        folder = self.config.model.feature_cache_dir
+        if not folder:
+            return None
+        path = Path(folder)
+        return path if path.is_absolute() else self.config.node.data_dir / path
 
     def start(self) -> None:
         """Load the model and start claiming jobs in a background thread."""
@@ -168,10 +203,15 @@ class Worker:
         no row stays claimed by a process that is exiting.
         """
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
             if self._thread.is_alive():
                 self.release_claims()
+
+    def wake(self) -> None:
+        """Look for queued jobs now instead of at the next poll."""
+        self._wake.set()
 
     def release_claims(self) -> int:
         """Return every job this worker holds to the queue; return how many were released."""
@@ -217,30 +257,89 @@ class Worker:
                 log.error("worker.loop_failed", exc_info=exc)
                 handled = False
             if not handled:
-                self._stop.wait(self.config.worker.poll_seconds)
+                self._wake.wait(self.config.worker.poll_seconds)
+                self._wake.clear()
 
     # -- one job -----------------------------------------------------------------------------
 
     def run_once(self) -> bool:
-        """Claim and run one job; return False when no job was ready."""
-        job_id = self._claim_job()
-        if job_id is None:
+        """Claim the jobs that are ready, up to one batch, and run them; return False when none was ready.
+
+        A batch contains at most `worker.max_batch_size` jobs, and fewer when the generator
+        estimates that the device has room for fewer.
+        """
+        limit = 1
+        if self.generator is not None:
+            limit = self.generator.batch_capacity(self.config.worker.max_batch_size, self.config.model.max_new_tokens)
+        job_ids = self._claim_jobs(limit)
+        if not job_ids:
             return False
-        structlog.contextvars.bind_contextvars(job_id=job_id)
         heartbeat_stop = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(job_id, heartbeat_stop), daemon=True)
+        heartbeat = threading.Thread(target=self._heartbeat, args=(job_ids, heartbeat_stop), daemon=True)
         heartbeat.start()
         try:
-            self._run_job(job_id)
-        except Exception as exc:  # noqa: BLE001 - recorded on the job row and logged
-            self._fail_job(job_id, exc)
+            self._run_jobs(job_ids)
         finally:
             heartbeat_stop.set()
             heartbeat.join()
-            structlog.contextvars.unbind_contextvars("job_id", "study_instance_uid")
         return True
 
-    def _claim_job(self) -> int | None:
+    @contextlib.contextmanager
+    def _job_log_context(self, job_id: int) -> Iterator[None]:
+        """Bind the job id to log lines; `_resolve_inputs` adds the study's UID."""
+        structlog.contextvars.bind_contextvars(job_id=job_id)
+        try:
+            yield
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "study_instance_uid")
+
+    def _run_jobs(self, job_ids: list[int]) -> None:
+        """Read each job's images, generate the reports as one batch, then write and commit each SR.
+
+        A failure in one job's inputs or SR fails that job only. A failed batch is retried one
+        job at a time, so that one bad job does not fail the others.
+        """
+        prepared: list[PreparedJob] = []
+        for job_id in job_ids:
+            with self._job_log_context(job_id):
+                try:
+                    prepared.append(self._prepare_job(job_id))
+                except Exception as exc:  # noqa: BLE001 - recorded on the job row and logged
+                    self._fail_job(job_id, exc)
+        if not prepared:
+            return
+
+        max_new_tokens = self.config.model.max_new_tokens
+        reports: list[GeneratedReport | None]
+        try:
+            reports = list(self.generator.generate_batch([job.request for job in prepared], max_new_tokens=max_new_tokens))
+        except Exception as exc:  # noqa: BLE001 - retried per job below, where each failure is recorded
+            if len(prepared) == 1:
+                with self._job_log_context(prepared[0].inputs.job_id):
+                    self._fail_job(prepared[0].inputs.job_id, exc)
+                return
+            log.warning("worker.batch_failed", job_ids=[job.inputs.job_id for job in prepared], exc_info=exc)
+            reports = []
+            for job in prepared:
+                with self._job_log_context(job.inputs.job_id):
+                    try:
+                        reports.append(self.generator.generate_batch([job.request], max_new_tokens=max_new_tokens)[0])
+                    except Exception as single_exc:  # noqa: BLE001 - recorded on the job row and logged
+                        self._fail_job(job.inputs.job_id, single_exc)
+                        reports.append(None)
+
+        for job, generated in zip(prepared, reports):
+            if generated is None:
+                continue
+            with self._job_log_context(job.inputs.job_id):
+                structlog.contextvars.bind_contextvars(study_instance_uid=job.inputs.study_instance_uid)
+                try:
+                    self._finish_job(job, generated)
+                except Exception as exc:  # noqa: BLE001 - recorded on the job row and logged
+                    self._fail_job(job.inputs.job_id, exc)
+
+    def _claim_jobs(self, limit: int) -> list[int]:
+        """Claim up to `limit` ready jobs, oldest first, in one transaction; return their ids."""
         now = utc_now()
         with self.index.transaction() as session:
             query = (
@@ -252,51 +351,53 @@ class Worker:
                     )
                 )
                 .order_by(ReportJob.created_at, ReportJob.id)
-                .limit(1)
+                .limit(limit)
             )
             if not self.index.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
-            job = session.scalars(query).first()
-            if job is None:
-                return None
-            previous_state = job.state.value
-            reclaimed = job.state == JobState.RUNNING
-            job.state = JobState.RUNNING
-            job.lease_owner = self.worker_id
-            job.lease_expires_at = now + dt.timedelta(seconds=self.config.worker.lease_seconds)
-            job.attempts += 1
-            job.updated_at = now
-            study = job.study
-            if study.state == StudyState.QUEUED:
-                study.state = StudyState.RUNNING
-            reason = "lease expired; reclaimed" if reclaimed else "claimed"
-            record_audit(
-                session,
-                entity="job",
-                entity_id=job.id,
-                from_state=previous_state,
-                to_state=job.state.value,
-                actor=self.worker_id,
-                reason=f"{reason}; attempt {job.attempts}",
-                study_instance_uid=study.study_instance_uid,
-            )
-            log.info(
-                "worker.job_claimed",
-                job_id=job.id,
-                study_instance_uid=study.study_instance_uid,
-                attempt=job.attempts,
-                reclaimed=reclaimed,
-            )
-            return job.id
+            jobs = session.scalars(query).all()
+            for job in jobs:
+                self._claim(session, job, now)
+            return [job.id for job in jobs]
 
-    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+    def _claim(self, session: Session, job: ReportJob, now: dt.datetime) -> None:
+        previous_state = job.state.value
+        reclaimed = job.state == JobState.RUNNING
+        job.state = JobState.RUNNING
+        job.lease_owner = self.worker_id
+        job.lease_expires_at = now + dt.timedelta(seconds=self.config.worker.lease_seconds)
+        job.attempts += 1
+        job.updated_at = now
+        study = job.study
+        if study.state == StudyState.QUEUED:
+            study.state = StudyState.RUNNING
+        reason = "lease expired; reclaimed" if reclaimed else "claimed"
+        record_audit(
+            session,
+            entity="job",
+            entity_id=job.id,
+            from_state=previous_state,
+            to_state=job.state.value,
+            actor=self.worker_id,
+            reason=f"{reason}; attempt {job.attempts}",
+            study_instance_uid=study.study_instance_uid,
+        )
+        log.info(
+            "worker.job_claimed",
+            job_id=job.id,
+            study_instance_uid=study.study_instance_uid,
+            attempt=job.attempts,
+            reclaimed=reclaimed,
+        )
+
+    def _heartbeat(self, job_ids: list[int], stop: threading.Event) -> None:
         interval = self.config.worker.lease_seconds / 3
         while not stop.wait(interval):
             try:
                 with self.index.transaction() as session:
                     session.execute(
                         update(ReportJob)
-                        .where(ReportJob.id == job_id, ReportJob.lease_owner == self.worker_id)
+                        .where(ReportJob.id.in_(job_ids), ReportJob.lease_owner == self.worker_id)
                         .values(lease_expires_at=utc_now() + dt.timedelta(seconds=self.config.worker.lease_seconds))
                     )
             except Exception as exc:  # noqa: BLE001 - the next beat retries; logged
@@ -342,24 +443,31 @@ class Worker:
                 predecessor_paths=predecessors,
             )
 
-    def _run_job(self, job_id: int) -> None:
+    def _prepare_job(self, job_id: int) -> PreparedJob:
+        """Resolve a job's files from the index and read its frontal images."""
+        from libra_model.report_generator import ReportRequest
+
         inputs = self._resolve_inputs(job_id)
         current_frontal = pydicom.dcmread(inputs.current_frontal_path)
         prior_frontal = pydicom.dcmread(inputs.prior_frontal_path) if inputs.prior_frontal_path else None
-
-        generated = self.generator.generate(
+        request = ReportRequest(
             current_frontal,
             prior_frontal,
-            max_new_tokens=self.config.model.max_new_tokens,
             current_key=str(current_frontal.SOPInstanceUID),
             prior_key=str(prior_frontal.SOPInstanceUID) if prior_frontal is not None else None,
         )
+        return PreparedJob(inputs, current_frontal, prior_frontal, request)
+
+    def _finish_job(self, job: PreparedJob, generated: GeneratedReport) -> None:
+        """Log the generated report, write its SRs and commit them with the job's completion."""
+        inputs, current_frontal, prior_frontal = job.inputs, job.current_frontal, job.prior_frontal
         log.info(
             "worker.report_generated",
             prior_study_instance_uid=inputs.prior_study_instance_uid,
             used_real_prior=generated.used_real_prior,
             prompt_tokens=generated.prompt_tokens,
             generated_tokens=generated.generated_tokens,
+            batch_size=generated.batch_size,
             vision_seconds=round(generated.vision_seconds, 4),
             prefill_seconds=round(generated.prefill_seconds, 4),
             decode_seconds=round(generated.decode_seconds, 4),
@@ -507,6 +615,8 @@ class Worker:
             )
         if not self.config.destinations:
             log.warning("worker.no_destinations", reason="SR kept in the store; add a [[destinations]] entry")
+        elif self.on_outbox_added is not None:
+            self.on_outbox_added()
 
     def _fail_job(self, job_id: int, error: Exception) -> None:
         message = f"{type(error).__name__}: {error}"
