@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from node.config import NodeConfig
 from node.index.models import Instance, JobState, ReportJob, Series, Study, StudyState, utc_now
 from node.index.session import IndexDatabase, record_audit
+from node.metrics import NodeMetrics
 from node.routing import RoutedImage, route_study
 
 log = structlog.get_logger(__name__)
@@ -28,7 +29,9 @@ _BATCH_SIZE = 50
 
 def _routed_images(session: Session, study: Study) -> list[RoutedImage]:
     rows = session.execute(
-        select(Instance, Series).join(Series, Instance.series_fk == Series.id).where(Series.study_fk == study.id)
+        select(Instance, Series)
+        .join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id, Instance.removed_at.is_(None))
     ).all()
     return [
         RoutedImage(
@@ -50,9 +53,10 @@ def _routed_images(session: Session, study: Study) -> list[RoutedImage]:
 class StabilityTimer:
     """Turns studies whose stable deadline has passed into report jobs or skipped studies."""
 
-    def __init__(self, config: NodeConfig, index: IndexDatabase) -> None:
+    def __init__(self, config: NodeConfig, index: IndexDatabase, metrics: NodeMetrics | None = None) -> None:
         self.config = config
         self.index = index
+        self.metrics = metrics or NodeMetrics()
         self._actor = f"stability:{os.getpid()}"
         self._scheduler: BackgroundScheduler | None = None
 
@@ -123,6 +127,7 @@ class StabilityTimer:
                 study_instance_uid=study.study_instance_uid,
             )
             log.info("study.skipped", reason=decision.reason, **context)
+            self.metrics.study_outcomes.labels(outcome="skipped").inc()
             return
 
         study.frontal_sop_instance_uid = decision.frontal_sop_instance_uid
