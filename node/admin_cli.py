@@ -34,6 +34,21 @@ def _actor() -> str:
         return "admin:cli"
 
 
+def _logged_to_stderr(handler):
+    """Wrap a command so that log lines go to standard error as text, warnings and errors only.
+
+    Standard output then holds only the command's table or JSON.
+    """
+
+    def run(args: argparse.Namespace) -> int:
+        from node.log_config import configure_logging
+
+        configure_logging("console", "warning")
+        return handler(args)
+
+    return run
+
+
 def _open_index(config: NodeConfig):
     from node.index.session import IndexDatabase
 
@@ -294,7 +309,7 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     ae_list = ae_commands.add_parser("list", help="print the allowed calling AE titles and the destinations")
     _add_config(ae_list)
     _add_json(ae_list)
-    ae_list.set_defaults(handler=_command_ae_list)
+    ae_list.set_defaults(handler=_logged_to_stderr(_command_ae_list))
 
     ae_add = ae_commands.add_parser("add", help="allow a calling AE title or add a destination")
     ae_add_kinds = ae_add.add_subparsers(dest="ae_kind", required=True)
@@ -303,7 +318,7 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     add_caller.add_argument("--host", default="", help="accept the title only from this peer address (default: any)")
     _add_config(add_caller)
     _add_no_reload(add_caller)
-    add_caller.set_defaults(handler=_command_ae_add_caller)
+    add_caller.set_defaults(handler=_logged_to_stderr(_command_ae_add_caller))
     add_destination = ae_add_kinds.add_parser("destination", help="add a PACS that receives the draft SRs")
     add_destination.add_argument("name", help="destination name (letters, digits, _ . -)")
     add_destination.add_argument("peer", type=parse_peer, help="AE@HOST:PORT, for example PACS@10.0.0.5:104")
@@ -315,7 +330,7 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     )
     _add_config(add_destination)
     _add_no_reload(add_destination)
-    add_destination.set_defaults(handler=_command_ae_add_destination)
+    add_destination.set_defaults(handler=_logged_to_stderr(_command_ae_add_destination))
 
     ae_remove = ae_commands.add_parser("remove", help="remove a calling AE title or a destination")
     ae_remove_kinds = ae_remove.add_subparsers(dest="ae_kind", required=True)
@@ -329,24 +344,24 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     )
     _add_config(remove_caller)
     _add_no_reload(remove_caller)
-    remove_caller.set_defaults(handler=_command_ae_remove_caller)
+    remove_caller.set_defaults(handler=_logged_to_stderr(_command_ae_remove_caller))
     remove_destination = ae_remove_kinds.add_parser("destination", help="stop sending SRs to a destination")
     remove_destination.add_argument("name", help="destination name")
     _add_config(remove_destination)
     _add_no_reload(remove_destination)
-    remove_destination.set_defaults(handler=_command_ae_remove_destination)
+    remove_destination.set_defaults(handler=_logged_to_stderr(_command_ae_remove_destination))
 
     ae_test = ae_commands.add_parser("test", help="send a C-ECHO to a destination and print the round-trip time")
     ae_test.add_argument("name", help="destination name")
     ae_test.add_argument("--timeout", type=float, default=None, help="seconds to wait (default: the destination's timeout_seconds)")
     _add_config(ae_test)
     _add_json(ae_test)
-    ae_test.set_defaults(handler=_command_ae_test)
+    ae_test.set_defaults(handler=_logged_to_stderr(_command_ae_test))
 
     status = commands.add_parser("status", help="count studies per state and print the queue depths")
     _add_config(status)
     _add_json(status)
-    status.set_defaults(handler=_command_status)
+    status.set_defaults(handler=_logged_to_stderr(_command_status))
 
     studies = commands.add_parser("studies", help="list studies, or print one study's audit trail")
     studies.add_argument("--state", choices=admin.DISPLAY_STATES, help="only studies in this state")
@@ -355,17 +370,17 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     studies.add_argument("--audit", metavar="STUDY_UID", help="print the audit trail of this study instead")
     _add_config(studies)
     _add_json(studies)
-    studies.set_defaults(handler=_command_studies)
+    studies.set_defaults(handler=_logged_to_stderr(_command_studies))
 
     requeue = commands.add_parser("requeue", help="queue a new report for a study (a new SR version)")
     requeue.add_argument("study_instance_uid", metavar="STUDY_UID", help="Study Instance UID")
     _add_config(requeue)
     _add_json(requeue)
-    requeue.set_defaults(handler=_command_requeue)
+    requeue.set_defaults(handler=_logged_to_stderr(_command_requeue))
 
     resend = commands.add_parser("resend", help="deliver an existing SR again")
     resend.add_argument("sr_sop_instance_uid", metavar="SR_UID", help="SOP Instance UID of the SR")
     resend.add_argument("--to", metavar="NAME", help="only this destination (default: every destination of the SR's class)")
     _add_config(resend)
     _add_json(resend)
-    resend.set_defaults(handler=_command_resend)
+    resend.set_defaults(handler=_logged_to_stderr(_command_resend))
