@@ -49,7 +49,7 @@ _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w
 
 
 class AdminError(ValueError):
-    """An admin request that cannot be carried out; the message says why and what to do."""
+    """An admin request that cannot be carried out; its message states the cause and the next step."""
 
 
 class NotFoundError(AdminError):
@@ -122,7 +122,7 @@ class OutboxSummary:
 
 @dataclass(frozen=True)
 class RequeueResult:
-    """What a requeue did: a new queued job, or a new routing of the study."""
+    """The outcome of a requeue: a new queued job, or a new routing of the study."""
 
     study_instance_uid: str
     job_id: int | None
@@ -132,7 +132,7 @@ class RequeueResult:
 
 @dataclass(frozen=True)
 class ResendResult:
-    """What a resend did for one destination."""
+    """The outcome of a resend for one destination."""
 
     sr_sop_instance_uid: str
     destination: str
@@ -468,7 +468,7 @@ def resend_sr(
 ) -> list[ResendResult]:
     """Deliver an existing SR again, to one destination or to every destination of its SR class.
 
-    A finished delivery (sent or failed) starts over with its attempt count at zero; a
+    A finished delivery (sent or failed) starts over with its attempt count at zero. A
     destination without a delivery of this SR gets a new outbox entry. A delivery that is
     still pending or sending is left as it is.
 

@@ -1,9 +1,9 @@
 """Admin subcommands of `libra-node`: ae, status, studies, requeue and resend.
 
 They work on the configuration file and the index directly, so they work whether or not a node
-is running; a running node picks up requeued jobs and resent SRs from the index. After an AE
-change the command asks a running node on this machine to reload through its admin endpoint;
-SIGHUP does the same.
+is running. A running node picks up requeued jobs and resent SRs from the index. After an AE
+change the command asks a running node on this machine to reload through its admin endpoint,
+which SIGHUP also does.
 """
 
 from __future__ import annotations

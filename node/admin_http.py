@@ -2,8 +2,8 @@
 
 It listens on `[admin] bind_address` (127.0.0.1 by default). With `[admin] token` set, every
 path except `/healthz` needs the token, as ``Authorization: Bearer TOKEN`` or as the password of
-HTTP Basic authentication (so a browser can open the status page); the configuration refuses a
-non-loopback address without a token. Requests that change state (POST, DELETE) must send
+HTTP Basic authentication, so that a browser can open the status page. The configuration
+rejects a non-loopback address without a token. Requests that change state (POST, DELETE) must send
 ``Content-Type: application/json``, and an ``Origin`` header, when sent, must name this server,
 so a web page from another origin cannot make a browser change anything here.
 
@@ -129,14 +129,26 @@ class AdminServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the port and serve requests in a background thread."""
+        """Bind the port and serve requests in a background thread.
+
+        Raises
+        ------
+        ConfigError
+            When the address cannot be bound, for example because the port is in use.
+        """
         settings = self.service.config.admin
         server_address = (settings.bind_address, settings.port)
         handler_class = type("AdminRequestHandler", (_RequestHandler,), {"admin_server": self})
         server_class = ThreadingHTTPServer
         if ipaddress.ip_address(settings.bind_address).version == 6:
             server_class = type("AdminHTTPServerV6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
-        self._server = server_class(server_address, handler_class)
+        try:
+            self._server = server_class(server_address, handler_class)
+        except OSError as exc:
+            raise ConfigError(
+                f"the admin endpoint cannot listen on {settings.bind_address}:{settings.port}: {exc}; "
+                "set [admin] port to a free port, or enabled = false"
+            ) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="libra-admin-http", daemon=True)
         self._thread.start()
@@ -169,7 +181,7 @@ class AdminServer:
         ------
         HTTPError
             For an unknown path (404), a known path with another method (405), or a failed
-            request (400, 404, 409) whose message says why.
+            request (400, 404, 409) whose message names the cause.
         """
         path_matched = False
         for route_method, pattern, function in self._routes:
@@ -432,7 +444,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             )
         origin = self.headers.get("Origin")
         if origin is not None and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host", ""):
-            raise HTTPError(HTTPStatus.FORBIDDEN, f"Origin {origin!r} is not this server; requests from other sites are refused")
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"Origin {origin!r} is not this server; requests from other sites are rejected")
         length_text = self.headers.get("Content-Length", "0")
         if not length_text.isdigit() or int(length_text) > MAX_BODY_BYTES:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body must be at most {MAX_BODY_BYTES} bytes")

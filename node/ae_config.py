@@ -1,9 +1,9 @@
 """Calling AE titles and destinations in the TOML configuration file, edited in place.
 
 Edits go through tomlkit, so the file keeps its comments, key order and formatting. Every
-edit validates the whole new document as the node would at start and writes it atomically
-(temporary file, fsync, rename, same mode), under an exclusive lock on the file's folder so
-that the command line and the HTTP API never overwrite each other's edit.
+edit validates the whole new document as the node would at start. It then writes the file
+atomically (temporary file, fsync, rename, same mode) under an exclusive lock on the file's
+folder, so that the command line and the HTTP API never overwrite each other's edit.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class EchoResult:
 
     @property
     def succeeded(self) -> bool:
-        """Whether the destination answered with Success (0x0000)."""
+        """Whether the destination returned Success (0x0000)."""
         return self.status == 0
 
     def as_dict(self) -> dict:
@@ -175,7 +175,7 @@ def load_entries(path: Path) -> tuple[list[CallerSettings], list[DestinationSett
     Raises
     ------
     ConfigError
-        When the file is missing, is not TOML or holds an invalid value.
+        When the file is missing, is not TOML or contains an invalid value.
     """
     config: NodeConfig = parse_config(_read_document(path).unwrap(), source=f"configuration file {path}")
     return list(config.callers), list(config.destinations)

@@ -137,7 +137,7 @@ class Receiver:
     Notes
     -----
     `config` may be replaced at any time by a reloaded configuration (new callers). Each
-    handler reads the attribute once, so an association sees one configuration, and the
+    handler reads the attribute once, so an association uses one configuration, and the
     associations in progress are not dropped.
     """
 

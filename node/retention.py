@@ -7,7 +7,7 @@ when every destination acknowledged it and it was written more than `max_age_day
 studies still receiving, queued, running, reported (SR not yet delivered) or failed are kept.
 
 Index rows stay, with `removed_at` set, so the listings and the audit trail keep the study's
-history; each study whose files were removed gets an audit row.
+history. Each study whose files were removed gets an audit row.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _BATCH_SIZE = 500
 
 @dataclass(frozen=True)
 class RetentionResult:
-    """What one retention run removed."""
+    """The number of studies and files that one retention run removed."""
 
     studies: int
     instances: int
@@ -176,7 +176,7 @@ class Retention:
                     study_instance_uid=study_instance_uid,
                 )
         # NOTE: the files are deleted after the commit, so a crash between the two leaves files
-        # that the index marks as removed; they are not looked for again.
+        # that the index marks as removed. No later run looks for them again.
         for relative_path in files:
             self._delete(relative_path)
         for study_instance_uid, (instance_count, report_count) in removed.items():

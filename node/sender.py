@@ -100,8 +100,8 @@ def echo(host: str, port: int, called_ae_title: str, calling_ae_title: str, time
 class Sender:
     """A thread that delivers due outbox entries.
 
-    `config` may be replaced at any time by a reloaded configuration (new destinations); each
-    send reads it once, so a send in progress finishes with the settings it started with.
+    `config` may be replaced at any time by a reloaded configuration with new destinations.
+    Each send reads it once, so a send in progress finishes with the settings it started with.
     """
 
     def __init__(

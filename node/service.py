@@ -29,7 +29,7 @@ RELOADABLE_SECTIONS = ("callers", "destinations")
 
 @dataclass(frozen=True)
 class ReloadResult:
-    """What a configuration reload applied and what it left for a restart."""
+    """The callers and destinations a reload applied, and the sections that need a restart."""
 
     callers: tuple[str, ...]
     destinations: tuple[str, ...]
@@ -90,7 +90,15 @@ class NodeService:
         self.stopped = threading.Event()
 
     def start(self) -> None:
-        """Start every part; the receiver accepts associations when this returns."""
+        """Start every part; the receiver accepts associations when this returns.
+
+        Raises
+        ------
+        ConfigError
+            When the admin endpoint cannot bind its port. Nothing else has started then.
+        """
+        if self.admin is not None:
+            self.admin.start()
         self.store.clean_incoming()
         if not self.config.callers:
             log.warning("receiver.any_caller_allowed", reason="no [[callers]] configured; every calling AE title may store")
@@ -100,8 +108,6 @@ class NodeService:
         self.timer.start()
         self.retention.start()
         self.receiver.start()
-        if self.admin is not None:
-            self.admin.start()
         log.info(
             "node.ready",
             ae_title=self.config.node.ae_title,

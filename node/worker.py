@@ -332,7 +332,7 @@ class Worker:
 
             predecessors = {}
             # NOTE: an SR that retention removed is not named as a predecessor, because its
-            # file is gone; a re-report after retention therefore has no Predecessor Documents Sequence.
+            # file is gone. A re-report after retention therefore has no Predecessor Documents Sequence.
             for report in session.scalars(
                 select(StructuredReport)
                 .where(StructuredReport.study_fk == study.id, StructuredReport.removed_at.is_(None))

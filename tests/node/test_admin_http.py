@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 
 import pydicom
 import pytest
@@ -186,6 +187,15 @@ def test_api_unknown_path_and_method(make_node):
     node = make_node(run_worker=False)
     assert request(node, "GET", "/api/nothing")[0] == 404
     assert request(node, "DELETE", "/api/status", headers={"Content-Type": "application/json"})[0] == 405
+
+
+def test_admin_port_in_use_fails_start(make_node):
+    with socket.socket() as occupied:
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen()
+        port = occupied.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            make_node(run_worker=False, admin={"port": port})
 
 
 def test_admin_off_loopback_requires_token(make_node):

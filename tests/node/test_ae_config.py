@@ -98,9 +98,9 @@ def test_ae_add_duplicate_rejected(config_path):
 
 
 def test_ae_remove_last_caller_needs_flag(config_path):
-    refused = libra_node_ae(config_path, "remove", "caller", "MODALITY1", "--no-reload")
-    assert refused.returncode == 2
-    assert "last [[callers]] entry" in refused.stderr
+    rejected = libra_node_ae(config_path, "remove", "caller", "MODALITY1", "--no-reload")
+    assert rejected.returncode == 2
+    assert "last [[callers]] entry" in rejected.stderr
     assert load_config(config_path).callers
 
     allowed = libra_node_ae(config_path, "remove", "caller", "MODALITY1", "--allow-any-caller", "--no-reload")

@@ -1,8 +1,8 @@
 """docs/conformance.md against the code: the networking tables match what the node negotiates.
 
-Each table marked `<!-- conformance:NAME -->` is compared with the presentation contexts the
-receiver supports and the sender proposes, and with real associations: a pynetdicom SCU
-proposes every documented context (and a few undocumented ones) to a running node, and a
+Each table marked `<!-- conformance:NAME -->` is compared with the presentation contexts that
+the receiver supports and the sender proposes. Real associations check them too. A pynetdicom
+SCU proposes every documented context, and a few undocumented ones, to a running node, and a
 pynetdicom SCP records what the node's sender and echo propose.
 """
 
