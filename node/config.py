@@ -12,9 +12,19 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 AE_TITLE_MAX_LENGTH = 16
+ADMIN_TOKEN_MIN_LENGTH = 16
 
 
 class ConfigError(ValueError):
@@ -166,6 +176,56 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class AdminSettings(_Section):
+    """The `[admin]` table: the HTTP endpoint for health, metrics, the status page and the API."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=11180, ge=0, le=65535)
+    token: SecretStr = SecretStr("")
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_bind_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address such as 127.0.0.1") from exc
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: SecretStr) -> SecretStr:
+        length = len(value.get_secret_value())
+        if length and length < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"the admin token has {length} characters; use at least {ADMIN_TOKEN_MIN_LENGTH} "
+                "(for example the output of 'openssl rand -hex 32')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _require_token_off_loopback(self) -> "AdminSettings":
+        if self.enabled and not self.is_loopback and not self.token.get_secret_value():
+            raise ValueError(
+                f"the admin endpoint is bound to {self.bind_address}, which is not a loopback address, "
+                "so admin.token must be set; or bind it to 127.0.0.1"
+            )
+        return self
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the endpoint listens on a loopback address only."""
+        return ipaddress.ip_address(self.bind_address).is_loopback
+
+
+class RetentionSettings(_Section):
+    """The `[retention]` table: when received images and sent SRs are removed from the store."""
+
+    max_age_days: float = Field(default=0.0, ge=0)
+    check_interval_seconds: float = Field(default=3600.0, gt=0)
+
+
 class NodeConfig(_Section):
     """The whole configuration file."""
 
@@ -177,6 +237,8 @@ class NodeConfig(_Section):
     worker: WorkerSettings = WorkerSettings()
     report: ReportSettings = ReportSettings()
     logging: LoggingSettings = LoggingSettings()
+    admin: AdminSettings = AdminSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @model_validator(mode="after")
     def _check_unique_names(self) -> "NodeConfig":
@@ -206,6 +268,9 @@ def _describe_error(error: dict[str, Any]) -> str:
         return f"{location}: unknown key; check its spelling against config/node.toml"
     if error["type"] == "missing":
         return f"{location}: required key is missing"
+    if location.endswith("token") or location == "admin":
+        # The value is, or contains, a secret that must not reach logs or terminals.
+        return f"{location}: {message}"
     return f"{location} = {error.get('input')!r}: {message}"
 
 

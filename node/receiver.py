@@ -44,6 +44,7 @@ from node.headers import InstanceHeader, UnreadableDatasetError, header_from_dat
 from node.index.records import find_instance, record_instance
 from node.index.session import IndexDatabase
 from node.log_config import patient_hash
+from node.metrics import NodeMetrics
 from node.store import FileStore, InvalidUIDError, check_uid, sha256_file
 
 log = structlog.get_logger(__name__)
@@ -157,6 +158,14 @@ class Receiver:
     on_instance_stored
         Called after each successful C-STORE with the Study Instance UID; the node schedules the
         study's stability check with it.
+    metrics
+        Where received and rejected instances and associations are counted.
+
+    Notes
+    -----
+    `config` may be replaced at any time by a reloaded configuration (new callers). Each
+    handler reads the attribute once, so an association uses one configuration, and the
+    associations in progress are not dropped.
     """
 
     def __init__(
@@ -166,12 +175,14 @@ class Receiver:
         index: IndexDatabase,
         hash_key: bytes,
         on_instance_stored: Callable[[str], None] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.index = index
         self.hash_key = hash_key
         self.on_instance_stored = on_instance_stored
+        self.metrics = metrics or NodeMetrics()
         self._server = None
         self._previous_tempdir: str | None = None
         self._actor = f"receiver:{os.getpid()}"
@@ -229,6 +240,11 @@ class Receiver:
         """The TCP port the listener is bound to."""
         return self._server.server_address[1] if self._server else self.config.node.port
 
+    @property
+    def is_listening(self) -> bool:
+        """Whether the listener socket is open (False before start and after stop)."""
+        return self._server is not None and self._server.socket.fileno() >= 0
+
     def stop(self) -> None:
         """Stop accepting associations and close the listener."""
         if self._server is not None:
@@ -245,6 +261,7 @@ class Receiver:
             socket.__class__ = LargeReadAssociationSocket
 
     def _on_requested(self, event: evt.Event) -> None:
+        config = self.config
         assoc = event.assoc
         calling_ae_title = assoc.requestor.primitive.calling_ae_title.strip()
         called_ae_title = assoc.requestor.primitive.called_ae_title.strip()
@@ -255,18 +272,21 @@ class Receiver:
             "peer_host": peer_host,
             "peer_port": assoc.requestor.port,
         }
-        if called_ae_title != self.config.node.ae_title:
-            reason = f"called AE title is not the node's own ({self.config.node.ae_title})"
+        if called_ae_title != config.node.ae_title:
+            reason = f"called AE title is not the node's own ({config.node.ae_title})"
             rejection = REJECT_CALLED_AE_NOT_RECOGNIZED
-        elif not _check_caller(calling_ae_title, peer_host, self.config.callers):
+            metric_reason = "called_ae_title_not_recognized"
+        elif not _check_caller(calling_ae_title, peer_host, config.callers):
             reason = (
                 f"calling AE title {calling_ae_title!r} from {peer_host} is not allowed; "
                 f"add a [[callers]] entry for it"
             )
             rejection = REJECT_CALLING_AE_NOT_RECOGNIZED
+            metric_reason = "calling_ae_title_not_recognized"
         else:
             return
         log.warning("receiver.association_rejected", reason=reason, **context)
+        self.metrics.associations_rejected.labels(reason=metric_reason).inc()
         assoc.acse.send_reject(*rejection)
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -295,6 +315,7 @@ class Receiver:
             calling_ae_title=primitive.calling_ae_title.strip() if primitive else "",
             peer_host=event.assoc.requestor.address,
         )
+        self.metrics.associations_rejected.labels(reason="local_limit_exceeded").inc()
 
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning(
@@ -357,6 +378,7 @@ class Receiver:
             return DimseStatus.SUCCESS
         if outcome.status != DimseStatus.PROCESSING_FAILURE:
             log.warning("receiver.instance_rejected", reason=outcome.reason, **log_context, **status_context)
+        self.metrics.instances_rejected.labels(reason=status_name(outcome.status)).inc()
         return _status_with_comment(outcome.status, outcome.reason)
 
     def _store(self, event: evt.Event, calling_ae_title: str) -> StoreOutcome:
@@ -426,6 +448,7 @@ class Receiver:
             patient_hash=hashed_patient,
             file_size=file_size,
         )
+        self.metrics.instances_received.inc()
         if self.on_instance_stored is not None:
             self.on_instance_stored(header.study_instance_uid)
         return StoreOutcome(DimseStatus.SUCCESS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from node.dimse_status import status_category, status_name
 from node.index.models import OutboxEntry, OutboxState, StructuredReport, StudyState, utc_now
 from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
+from node.metrics import NodeMetrics
 from node.store import FileStore
 
 log = structlog.get_logger(__name__)
@@ -95,15 +97,26 @@ def echo(host: str, port: int, called_ae_title: str, calling_ae_title: str, time
 
 
 class Sender:
-    """A thread that delivers due outbox entries."""
+    """A thread that delivers due outbox entries.
 
-    def __init__(self, config: NodeConfig, index: IndexDatabase, store: FileStore, poll_seconds: float = 0.5) -> None:
+    `config` may be replaced at any time by a reloaded configuration with new destinations.
+    Each send reads it once, so a send in progress finishes with the settings it started with.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: IndexDatabase,
+        store: FileStore,
+        poll_seconds: float = 0.5,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.store = store
         self.poll_seconds = poll_seconds
+        self.metrics = metrics or NodeMetrics()
         self.sender_id = lease_owner_name("sender")
-        self._destinations = {destination.name: destination for destination in config.destinations}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,7 +187,8 @@ class Sender:
         if claimed is None:
             return False
         entry_id, destination_name, file_path, sr_sop_instance_uid, attempt = claimed
-        destination = self._destinations.get(destination_name)
+        config = self.config
+        destination = next((item for item in config.destinations if item.name == destination_name), None)
         context = {
             "outbox_id": entry_id,
             "destination": destination_name,
@@ -185,7 +199,11 @@ class Sender:
             result = SendResult(False, None, f"destination {destination_name!r} is no longer configured")
             self._record_result(entry_id, result, final=True, context=context)
             return True
-        result = send_file(destination, self.store.absolute(file_path), self.config.node.ae_title)
+        started = time.monotonic()
+        result = send_file(destination, self.store.absolute(file_path), config.node.ae_title)
+        self.metrics.send_seconds.labels(
+            destination=destination_name, outcome="sent" if result.delivered else "failed"
+        ).observe(time.monotonic() - started)
         final = not result.delivered and attempt >= destination.max_attempts
         self._record_result(entry_id, result, final=final, context=context, destination=destination)
         return True
@@ -207,11 +225,21 @@ class Sender:
             entry = session.scalars(query).first()
             if entry is None:
                 return None
+            report = entry.structured_report
+            record_audit(
+                session,
+                entity="outbox",
+                entity_id=entry.id,
+                from_state=entry.state.value,
+                to_state=OutboxState.SENDING.value,
+                actor=self.sender_id,
+                reason=f"attempt {entry.attempts + 1}" + ("; lease expired, reclaimed" if entry.state == OutboxState.SENDING else ""),
+                study_instance_uid=report.study.study_instance_uid,
+            )
             entry.state = OutboxState.SENDING
             entry.lease_owner = self.sender_id
             entry.lease_expires_at = now + dt.timedelta(seconds=_SEND_LEASE_SECONDS)
             entry.attempts += 1
-            report = entry.structured_report
             return entry.id, entry.destination, report.file_path, report.sop_instance_uid, entry.attempts
 
     def _record_result(self, entry_id: int, result: SendResult, *, final: bool, context: dict, destination=None) -> None:
@@ -262,6 +290,8 @@ class Sender:
             log.error("sender.send_failed", error=result.error, **context)
         else:
             log.warning("sender.retry_scheduled", error=result.error, retry_at=entry.next_attempt_at.isoformat(), **context)
+        if study_outcome is not None:
+            self.metrics.study_outcomes.labels(outcome=study_outcome.value).inc()
         if study_outcome == StudyState.SENT:
             log.info("study.report_sent", study_instance_uid=study.study_instance_uid, sr_sop_instance_uid=report.sop_instance_uid)
         elif study_outcome == StudyState.FAILED:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from node.config import NodeConfig
 from node.index.models import Instance, JobState, ReportJob, Series, Study, StudyState, utc_now
 from node.index.session import IndexDatabase, record_audit
+from node.metrics import NodeMetrics
 from node.routing import RoutedImage, route_study
 
 log = structlog.get_logger(__name__)
@@ -31,7 +32,9 @@ _BATCH_SIZE = 50
 
 def _routed_images(session: Session, study: Study) -> list[RoutedImage]:
     rows = session.execute(
-        select(Instance, Series).join(Series, Instance.series_fk == Series.id).where(Series.study_fk == study.id)
+        select(Instance, Series)
+        .join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id, Instance.removed_at.is_(None))
     ).all()
     return [
         RoutedImage(
@@ -57,16 +60,23 @@ class StabilityTimer:
     ----------
     config, index
         The node configuration and index.
+    metrics
+        Where study outcomes are counted.
     on_jobs_queued
         Called after a check committed at least one new report job, so that a worker in the
         same process starts it without waiting for its next poll.
     """
 
     def __init__(
-        self, config: NodeConfig, index: IndexDatabase, on_jobs_queued: Callable[[], None] | None = None
+        self,
+        config: NodeConfig,
+        index: IndexDatabase,
+        metrics: NodeMetrics | None = None,
+        on_jobs_queued: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.index = index
+        self.metrics = metrics or NodeMetrics()
         self.on_jobs_queued = on_jobs_queued
         self._actor = f"stability:{os.getpid()}"
         self._scheduler: BackgroundScheduler | None = None
@@ -169,6 +179,7 @@ class StabilityTimer:
                 study_instance_uid=study.study_instance_uid,
             )
             log.info("study.skipped", reason=decision.reason, **context)
+            self.metrics.study_outcomes.labels(outcome="skipped").inc()
             return False
 
         study.frontal_sop_instance_uid = decision.frontal_sop_instance_uid

@@ -39,6 +39,7 @@ from node.index.models import (
 )
 from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
+from node.metrics import NodeMetrics
 from node.priors import find_prior_study
 from node.sr_builder import DeviceIdentity, DraftReport, SRDocumentClass, build_draft_sr
 from node.store import FileStore
@@ -129,6 +130,8 @@ class Worker:
         The node configuration, index and file store.
     worker_id
         The lease owner name written to claimed rows; host and process id by default.
+    metrics
+        Where job and model times and failed studies are recorded.
     """
 
     def __init__(
@@ -138,8 +141,10 @@ class Worker:
         store: FileStore,
         worker_id: str | None = None,
         on_outbox_added: Callable[[], None] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or NodeMetrics()
         self.index = index
         self.store = store
         self.worker_id = worker_id or lease_owner_name("worker")
@@ -152,6 +157,7 @@ class Worker:
             institution_name=config.report.institution_name or None,
         )
         self.on_outbox_added = on_outbox_added
+        self._batch_started: float | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -230,6 +236,16 @@ class Worker:
                 job.lease_expires_at = None
                 if job.study.state == StudyState.RUNNING:
                     job.study.state = StudyState.QUEUED
+                    record_audit(
+                        session,
+                        entity="study",
+                        entity_id=job.study.id,
+                        from_state=StudyState.RUNNING.value,
+                        to_state=StudyState.QUEUED.value,
+                        actor=self.worker_id,
+                        reason=f"worker stopping; job {job.id} released",
+                        study_instance_uid=job.study.study_instance_uid,
+                    )
                 record_audit(
                     session,
                     entity="job",
@@ -277,6 +293,7 @@ class Worker:
         heartbeat_stop = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(job_ids, heartbeat_stop), daemon=True)
         heartbeat.start()
+        self._batch_started = time.monotonic()
         try:
             self._run_jobs(job_ids)
         finally:
@@ -371,6 +388,16 @@ class Worker:
         study = job.study
         if study.state == StudyState.QUEUED:
             study.state = StudyState.RUNNING
+            record_audit(
+                session,
+                entity="study",
+                entity_id=study.id,
+                from_state=StudyState.QUEUED.value,
+                to_state=StudyState.RUNNING.value,
+                actor=self.worker_id,
+                reason=f"job {job.id} claimed",
+                study_instance_uid=study.study_instance_uid,
+            )
         reason = "lease expired; reclaimed" if reclaimed else "claimed"
         record_audit(
             session,
@@ -411,7 +438,7 @@ class Worker:
             paths = session.execute(
                 select(Instance.sop_instance_uid, Instance.file_path)
                 .join(Series, Instance.series_fk == Series.id)
-                .where(Series.study_fk == study.id)
+                .where(Series.study_fk == study.id, Instance.removed_at.is_(None))
                 .order_by(Instance.id)
             ).all()
             current_by_uid = {uid: self.store.absolute(path) for uid, path in paths}
@@ -424,12 +451,15 @@ class Worker:
                 prior_instance = session.scalars(
                     select(Instance).where(Instance.sop_instance_uid == prior.frontal_sop_instance_uid)
                 ).first()
-                prior_path = self.store.absolute(prior_instance.file_path) if prior_instance else None
+                if prior_instance is not None and prior_instance.removed_at is None:
+                    prior_path = self.store.absolute(prior_instance.file_path)
 
             predecessors = {}
+            # NOTE: an SR that retention removed is not named as a predecessor, because its
+            # file is gone. A re-report after retention therefore has no Predecessor Documents Sequence.
             for report in session.scalars(
                 select(StructuredReport)
-                .where(StructuredReport.study_fk == study.id)
+                .where(StructuredReport.study_fk == study.id, StructuredReport.removed_at.is_(None))
                 .order_by(StructuredReport.created_at, StructuredReport.id)
             ):
                 predecessors[report.sr_class] = self.store.absolute(report.file_path)
@@ -476,6 +506,7 @@ class Worker:
         findings_text, removed_characters = clean_findings_text(generated.findings_text)
         if removed_characters:
             log.warning("worker.control_characters_removed", removed_characters=removed_characters)
+        self.metrics.model_seconds.observe(generated.total_seconds)
         report = DraftReport(
             findings_text=findings_text,
             model_name=generated.model_name,
@@ -488,17 +519,26 @@ class Worker:
             current_frontal if path == inputs.current_frontal_path else pydicom.dcmread(path, stop_before_pixels=True)
             for path in inputs.current_evidence_paths
         ]
-        written = self._write_srs(inputs, current_evidence, current_frontal, prior_frontal, report)
+        # One snapshot of the destinations for the whole job, because a configuration reload
+        # may replace self.config between writing the SRs and adding their outbox entries.
+        destinations = tuple(self.config.destinations)
+        written = self._write_srs(inputs, current_evidence, current_frontal, prior_frontal, report, destinations)
         try:
-            self._complete_job(inputs, written, report)
+            self._complete_job(inputs, written, report, destinations)
         except BaseException:
             for _, relative_path, _ in written:
                 self.store.remove(relative_path)
             raise
+        self._observe_job_seconds("done")
 
-    def _write_srs(self, inputs, current_evidence, current_frontal, prior_frontal, report):
+    def _observe_job_seconds(self, outcome: str) -> None:
+        """Record a job's time since its batch was claimed, by outcome (done, retry, failed)."""
+        if self._batch_started is not None:
+            self.metrics.job_seconds.labels(outcome=outcome).observe(time.monotonic() - self._batch_started)
+
+    def _write_srs(self, inputs, current_evidence, current_frontal, prior_frontal, report, destinations):
         """Write one SR file per SR class that the destinations need; return (class, path, dataset)."""
-        classes = sorted({destination.sr_class for destination in self.config.destinations} or {SRClass.ENHANCED})
+        classes = sorted({destination.sr_class for destination in destinations} or {SRClass.ENHANCED})
         series_instance_uid = generate_uid()
         written = []
         for instance_number, sr_class in enumerate(classes, start=1):
@@ -527,7 +567,7 @@ class Worker:
             written.append((sr_class, relative_path, dataset))
         return written
 
-    def _complete_job(self, inputs: ReportInputs, written, report: DraftReport) -> None:
+    def _complete_job(self, inputs: ReportInputs, written, report: DraftReport, destinations) -> None:
         now = utc_now()
         with self.index.transaction() as session:
             job = session.get(ReportJob, inputs.job_id)
@@ -561,7 +601,7 @@ class Worker:
                 session.add(row)
                 sr_rows[sr_class] = row
             session.flush()
-            for destination in self.config.destinations:
+            for destination in destinations:
                 entry = OutboxEntry(
                     structured_report_fk=sr_rows[destination.sr_class].id,
                     destination=destination.name,
@@ -594,7 +634,7 @@ class Worker:
             )
             if study.state == StudyState.RUNNING:
                 study.state = StudyState.REPORTED
-                study.state_reason = "" if self.config.destinations else "no destinations configured"
+                study.state_reason = "" if destinations else "no destinations configured"
                 record_audit(
                     session,
                     entity="study",
@@ -613,19 +653,20 @@ class Worker:
                 prior_study_instance_uid=row.prior_study_instance_uid,
                 predecessor_sop_instance_uid=row.predecessor_sop_instance_uid,
             )
-        if not self.config.destinations:
+        if not destinations:
             log.warning("worker.no_destinations", reason="SR kept in the store; add a [[destinations]] entry")
         elif self.on_outbox_added is not None:
             self.on_outbox_added()
 
-    def _fail_job(self, job_id: int, error: Exception) -> None:
+    def _fail_job(self, job_id: int, error: Exception) -> bool:
+        """Record a failed attempt; return True when the job failed for good."""
         message = f"{type(error).__name__}: {error}"
         with self.index.transaction() as session:
             job = session.get(ReportJob, job_id)
             study = job.study
             if job.lease_owner != self.worker_id:
                 log.warning("worker.job_lost", error=message)
-                return
+                return False
             final = job.attempts >= self.config.worker.max_attempts
             job.state = JobState.FAILED if final else JobState.QUEUED
             job.error = message
@@ -655,10 +696,23 @@ class Worker:
                     reason=study.state_reason,
                     study_instance_uid=study.study_instance_uid,
                 )
+                self.metrics.study_outcomes.labels(outcome="failed").inc()
             elif not final and study.state == StudyState.RUNNING:
                 study.state = StudyState.QUEUED
+                record_audit(
+                    session,
+                    entity="study",
+                    entity_id=study.id,
+                    from_state=StudyState.RUNNING.value,
+                    to_state=StudyState.QUEUED.value,
+                    actor=self.worker_id,
+                    reason=f"attempt {job.attempts} failed; job {job.id} queued again",
+                    study_instance_uid=study.study_instance_uid,
+                )
         if final:
             log.error("study.failed", exc_info=error, attempts=job.attempts, reason=message)
         else:
             log.warning("worker.job_retry_scheduled", exc_info=error, attempt=job.attempts)
+        self._observe_job_seconds("failed" if final else "retry")
+        return final
 

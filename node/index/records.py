@@ -115,6 +115,16 @@ def record_instance(
     elif study.state in (StudyState.QUEUED, StudyState.RUNNING):
         # The job in hand reports on what has arrived so far; this instance leads to a
         # new version once the study is stable again.
+        record_audit(
+            session,
+            entity="study",
+            entity_id=study.id,
+            from_state=study.state.value,
+            to_state=StudyState.RECEIVING.value,
+            actor=actor,
+            reason=f"instance {header.sop_instance_uid} arrived while the report was {study.state.value}",
+            study_instance_uid=study.study_instance_uid,
+        )
         study.state = StudyState.RECEIVING
 
     series = session.scalars(

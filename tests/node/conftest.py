@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+import tomlkit
 
-from node.config import parse_config
+from node.config import load_config, parse_config
 from node.service import NodeService
 from tests.peers import free_port, postgres_database
 
@@ -34,8 +35,8 @@ def database_url(request, tmp_path):
         yield url
 
 
-def node_config(data_dir: Path, model_path: Path | None, database_url: str = "", **sections):
-    """Return a validated configuration for a test node on a free loopback port."""
+def node_document(data_dir: Path, model_path: Path | None, database_url: str = "", **sections) -> dict:
+    """Return the configuration document of a test node on free loopback ports."""
     document = {
         "node": {
             "ae_title": NODE_AE_TITLE,
@@ -51,13 +52,19 @@ def node_config(data_dir: Path, model_path: Path | None, database_url: str = "",
         "model": {"path": str(model_path) if model_path else "", "max_new_tokens": 16},
         "worker": {"poll_seconds": 0.2},
         "logging": {"format": "console"},
+        "admin": {"port": 0},
     }
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(document.get(section), dict):
             document[section] = document[section] | values
         else:
             document[section] = values
-    return parse_config(document, source="test configuration")
+    return document
+
+
+def node_config(data_dir: Path, model_path: Path | None, database_url: str = "", **sections):
+    """Return a validated configuration for a test node on free loopback ports."""
+    return parse_config(node_document(data_dir, model_path, database_url, **sections), source="test configuration")
 
 
 @pytest.fixture
@@ -65,9 +72,17 @@ def make_node(tmp_path, tiny_checkpoint, database_url):
     """Start nodes in this process, on SQLite and on PostgreSQL; each is stopped after the test."""
     services: list[NodeService] = []
 
-    def start(data_dir: Path | None = None, run_worker: bool = True, **sections) -> NodeService:
-        config = node_config(data_dir or tmp_path / "node", tiny_checkpoint, database_url, **sections)
-        service = NodeService(config, run_worker=run_worker)
+    def start(data_dir: Path | None = None, run_worker: bool = True, config_file: bool = False, **sections) -> NodeService:
+        """Start a node; with `config_file`, from a TOML file that reloads and AE edits change."""
+        data_dir = data_dir or tmp_path / "node"
+        config_path = None
+        if config_file:
+            config_path = data_dir.parent / f"{data_dir.name}.toml"
+            config_path.write_text(tomlkit.dumps(node_document(data_dir, tiny_checkpoint, database_url, **sections)))
+            config = load_config(config_path)
+        else:
+            config = node_config(data_dir, tiny_checkpoint, database_url, **sections)
+        service = NodeService(config, run_worker=run_worker, config_path=config_path)
         service.start()
         services.append(service)
         return service
