@@ -44,7 +44,7 @@ class NodeService:
         hash_key = load_or_create_hash_key(data_dir)
         self.receiver = Receiver(config, self.store, self.index, hash_key)
         self.timer = StabilityTimer(config, self.index)
-        self.worker = Worker(config, self.index, self.store) if run_worker and config.worker.enabled else None
+        self.worker = Worker(config, self.index, self.store, hash_key=hash_key) if run_worker and config.worker.enabled else None
         self.sender = Sender(config, self.index, self.store)
         self.maintenance = BackgroundScheduler(timezone="UTC")
         # A partial file outlives its association by at most this long (see remove_stale_incoming).
@@ -78,6 +78,7 @@ class NodeService:
             data_dir=str(self.config.node.data_dir),
             worker=self.worker is not None,
             destinations=[destination.name for destination in self.config.destinations],
+            query_sources=[source.name for source in self.config.query_sources],
         )
 
     def stop(self) -> None:
