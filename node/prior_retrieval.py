@@ -1,10 +1,9 @@
 """Prior retrieval: find the patient's most recent earlier chest study at PACS and fetch its frontal image.
 
 The worker calls `PriorRetriever.search` when the index holds no prior study. Each
-`[[query_sources]]` entry is asked with a Study Root C-FIND at STUDY level (Patient ID, Issuer
-of Patient ID, Modalities in Study, a Study Date range). The node checks every answer again,
-because a PACS may ignore a matching key. The most recent earlier study whose series and
-images pass the routing rules (a chest study with a frontal image) is chosen. Only that image
+`[[query_sources]]` entry is queried for the patient's earlier studies (`node.prior_query`).
+The most recent earlier study whose series and images pass the routing rules (a chest study
+with a frontal image) is chosen, across all sources. Only that image
 is retrieved, with C-MOVE to the node's own AE title or with C-GET. It is indexed like any
 received instance, in a study marked as retrieved that never gets a report. A source that
 fails or does not answer within its timeouts is logged, and the search goes on without it.
@@ -15,13 +14,13 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.association import Association
 from sqlalchemy import select
 
 from node.config import NodeConfig, QuerySourceSettings, RetrieveMethod
@@ -29,7 +28,15 @@ from node.dimse_status import DimseStatus, QueryRetrieveStatus, query_retrieve_s
 from node.index.models import Study, StudyState
 from node.index.records import create_retrieval_placeholder, find_instance, remove_retrieval_placeholder
 from node.index.session import IndexDatabase
-from node.ingest import ACCEPTED_STORAGE_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, InstanceIngest, status_with_comment
+from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, InstanceIngest, status_with_comment
+from node.prior_query import (
+    FrontalImage,
+    PriorCandidate,
+    PriorSearchRequest,
+    find_candidates,
+    find_frontal_image,
+    new_identifier,
+)
 from node.priors import study_datetime
 from node.query_retrieve import (
     FIND_MODEL,
@@ -41,44 +48,19 @@ from node.query_retrieve import (
     RetrieveResult,
     release,
 )
-from node.routing import RoutedImage, route_study
 from node.stability import route_retrieved_prior
-from node.store import FileStore, is_valid_uid
+from node.store import FileStore
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class PriorSearchRequest:
-    """The current study whose prior is sought, as the index records it."""
+class _QueryConnection:
+    """An open query association with one source and the time left for its queries."""
 
-    study_instance_uid: str
-    patient_fk: int
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_hash: str
-    study_date: str
-    study_time: str
-
-
-@dataclass(frozen=True)
-class PriorCandidate:
-    """One study-level C-FIND answer that passed the node's own checks."""
-
-    source: QuerySourceSettings
-    study_instance_uid: str
-    study_datetime: dt.datetime
-    study_description: str
-
-
-@dataclass(frozen=True)
-class FrontalImage:
-    """The image of a candidate study that routing chose as its frontal view."""
-
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    frontal_reason: str
+    client: QuerySourceClient
+    assoc: Association
+    deadline: Deadline
 
 
 @dataclass(frozen=True)
@@ -87,27 +69,6 @@ class PriorSearchResult:
 
     retrieved_study_instance_uid: str | None = None
     failed_ae_titles: tuple[str, ...] = ()
-
-
-def _text(dataset: Dataset, keyword: str) -> str:
-    value = dataset.get(keyword)
-    return "" if value is None else str(value).strip()
-
-
-def _integer(dataset: Dataset, keyword: str) -> int | None:
-    try:
-        return int(dataset.get(keyword))
-    except (TypeError, ValueError):
-        return None
-
-
-def _new_identifier(level: str, *values: str) -> Dataset:
-    """Return a C-FIND identifier; UTF-8 is declared only when a value needs it."""
-    identifier = Dataset()
-    if any(not value.isascii() for value in values):
-        identifier.SpecificCharacterSet = "ISO_IR 192"
-    identifier.QueryRetrieveLevel = level
-    return identifier
 
 
 class PriorRetriever:
@@ -138,9 +99,9 @@ class PriorRetriever:
     def search(self, request: PriorSearchRequest) -> PriorSearchResult:
         """Query every source, retrieve the frontal image of the best prior, and index it.
 
-        Never raises for a failing source. The returned result names the retrieved study, or
-        None when no source had a usable earlier study, and the AE titles of the sources that
-        failed or timed out.
+        A failing source is logged and never raises. The result names the retrieved study,
+        or None when no source had a usable earlier study, and the AE titles of the sources
+        whose query or retrieve failed or timed out.
         """
         current_time = study_datetime(request.study_date, request.study_time)
         if current_time is None or not request.patient_id:
@@ -149,55 +110,79 @@ class PriorRetriever:
         earliest = current_time - dt.timedelta(days=self.config.node.max_prior_age_days)
 
         failed: dict[str, str] = {}
-        connections: dict[str, tuple[QuerySourceClient, object, Deadline]] = {}
+        connections: dict[str, _QueryConnection] = {}
         try:
-            candidates: list[PriorCandidate] = []
-            for source in self.config.query_sources:
-                client = QuerySourceClient(source, self.config.node.ae_title)
-                deadline = Deadline(source.query_timeout_seconds)
-                try:
-                    assoc = client.associate([(FIND_MODEL, None)], deadline)
-                    connections[source.name] = (client, assoc, deadline)
-                    candidates += self._find_candidates(client, assoc, deadline, request, earliest, current_time)
-                except QueryRetrieveError as exc:
-                    self._log_source_failed(source, "query", exc)
-                    failed[source.name] = source.ae_title
-
-            for candidate in self._most_recent_first(candidates):
-                source = candidate.source
-                if source.name in failed:
-                    continue
-                if self._is_indexed(candidate.study_instance_uid):
-                    log.info(
-                        "prior_retrieval.candidate_skipped",
-                        candidate_study_instance_uid=candidate.study_instance_uid,
-                        reason="the study is already in the index, where the prior lookup did not use it",
-                    )
-                    continue
-                client, assoc, deadline = connections[source.name]
-                try:
-                    frontal = self._find_frontal_image(client, assoc, deadline, candidate)
-                except QueryRetrieveError as exc:
-                    self._log_source_failed(source, "query", exc)
-                    failed[source.name] = source.ae_title
-                    continue
-                if frontal is None:
-                    continue
-                for _, open_assoc, _ in connections.values():
-                    release(open_assoc)
-                try:
-                    self._retrieve(candidate, frontal, request)
-                except QueryRetrieveError as exc:
-                    self._log_source_failed(source, "retrieve", exc)
-                    failed[source.name] = source.ae_title
-                    break
-                return PriorSearchResult(candidate.study_instance_uid, tuple(failed.values()))
+            candidates = self._query_studies(request, earliest, connections, failed)
+            retrieved = self._retrieve_most_recent(candidates, request, connections, failed)
         finally:
-            for _, open_assoc, _ in connections.values():
-                release(open_assoc)
+            for connection in connections.values():
+                release(connection.assoc)
+        if retrieved is None:
+            log.info("prior_retrieval.no_prior_found", failed_query_sources=sorted(failed))
+        return PriorSearchResult(retrieved, tuple(failed.values()))
 
-        log.info("prior_retrieval.no_prior_found", failed_query_sources=sorted(failed))
-        return PriorSearchResult(None, tuple(failed.values()))
+    def _query_studies(
+        self,
+        request: PriorSearchRequest,
+        earliest: dt.datetime,
+        connections: dict[str, _QueryConnection],
+        failed: dict[str, str],
+    ) -> list[PriorCandidate]:
+        """Ask every source at STUDY level; keep each association open for the next queries."""
+        candidates: list[PriorCandidate] = []
+        for source in self.config.query_sources:
+            client = QuerySourceClient(source, self.config.node.ae_title)
+            deadline = Deadline(source.query_timeout_seconds)
+            try:
+                assoc = client.associate([(FIND_MODEL, None)], deadline)
+                connections[source.name] = _QueryConnection(client, assoc, deadline)
+                candidates += find_candidates(client, assoc, deadline, request, earliest, self.modalities)
+            except QueryRetrieveError as exc:
+                self._log_source_failed(source, "query", exc)
+                failed[source.name] = source.ae_title
+        return candidates
+
+    def _retrieve_most_recent(
+        self,
+        candidates: list[PriorCandidate],
+        request: PriorSearchRequest,
+        connections: dict[str, _QueryConnection],
+        failed: dict[str, str],
+    ) -> str | None:
+        """Retrieve the newest candidate with a frontal image; return its study UID or None."""
+        for candidate in self._most_recent_first(candidates):
+            source = candidate.source
+            if source.name in failed:
+                continue
+            if self._is_indexed(candidate.study_instance_uid):
+                log.info(
+                    "prior_retrieval.candidate_skipped",
+                    candidate_study_instance_uid=candidate.study_instance_uid,
+                    reason="the study is already in the index, where the prior lookup did not use it",
+                )
+                continue
+            connection = connections[source.name]
+            try:
+                frontal = find_frontal_image(
+                    connection.client, connection.assoc, connection.deadline, candidate, self.config.routing
+                )
+            except QueryRetrieveError as exc:
+                self._log_source_failed(source, "query", exc)
+                failed[source.name] = source.ae_title
+                continue
+            if frontal is None:
+                continue
+
+            for open_connection in connections.values():
+                release(open_connection.assoc)
+            try:
+                self._retrieve(candidate, frontal, request)
+            except QueryRetrieveError as exc:
+                self._log_source_failed(source, "retrieve", exc)
+                failed[source.name] = source.ae_title
+                return None
+            return candidate.study_instance_uid
+        return None
 
     @staticmethod
     def _most_recent_first(candidates: list[PriorCandidate]) -> list[PriorCandidate]:
@@ -223,141 +208,6 @@ class PriorRetriever:
             stage=stage,
             timed_out=error.timed_out,
             reason=str(error),
-        )
-
-    # -- queries -----------------------------------------------------------------------------
-
-    def _find_candidates(
-        self,
-        client: QuerySourceClient,
-        assoc,
-        deadline: Deadline,
-        request: PriorSearchRequest,
-        earliest: dt.datetime,
-        current_time: dt.datetime,
-    ) -> list[PriorCandidate]:
-        """Query one source at STUDY level; return its most recent `max_studies` earlier studies."""
-        identifier = _new_identifier("STUDY", request.patient_id, request.issuer_of_patient_id)
-        identifier.PatientID = request.patient_id
-        identifier.IssuerOfPatientID = request.issuer_of_patient_id
-        identifier.ModalitiesInStudy = self.modalities
-        # Same-day studies are ordered by Study Time below, so the range includes the current date.
-        identifier.StudyDate = f"{earliest:%Y%m%d}-{current_time:%Y%m%d}"
-        identifier.StudyTime = ""
-        identifier.StudyDescription = ""
-        identifier.AccessionNumber = ""
-        identifier.StudyInstanceUID = ""
-        answers = client.find(assoc, identifier, deadline)
-
-        candidates = []
-        rejected: Counter[str] = Counter()
-        for answer in answers:
-            reason = self._reject_reason(answer, request, earliest, current_time)
-            if reason:
-                rejected[reason] += 1
-                continue
-            candidates.append(
-                PriorCandidate(
-                    source=client.source,
-                    study_instance_uid=_text(answer, "StudyInstanceUID"),
-                    study_datetime=study_datetime(_text(answer, "StudyDate"), _text(answer, "StudyTime")),
-                    study_description=_text(answer, "StudyDescription"),
-                )
-            )
-        candidates.sort(key=lambda candidate: candidate.study_datetime, reverse=True)
-        log.info(
-            "prior_retrieval.studies_found",
-            query_source=client.source.name,
-            answers=len(answers),
-            candidates=len(candidates),
-            rejected=dict(rejected),
-            patient_hash=request.patient_hash,
-        )
-        return candidates[: client.source.max_studies]
-
-    @staticmethod
-    def _reject_reason(
-        answer: Dataset, request: PriorSearchRequest, earliest: dt.datetime, current_time: dt.datetime
-    ) -> str:
-        """Return why a study-level answer cannot be the prior, or "" when it can."""
-        study_instance_uid = _text(answer, "StudyInstanceUID")
-        if not is_valid_uid(study_instance_uid):
-            return "invalid Study Instance UID"
-        if study_instance_uid == request.study_instance_uid:
-            return "the current study"
-        # A PACS may match Patient ID with wildcards or ignore Issuer of Patient ID, so both
-        # are compared exactly here; an answer without the issuer counts as an empty issuer.
-        if _text(answer, "PatientID") != request.patient_id:
-            return "other Patient ID"
-        if _text(answer, "IssuerOfPatientID") != request.issuer_of_patient_id:
-            return "other Issuer of Patient ID"
-        answer_time = study_datetime(_text(answer, "StudyDate"), _text(answer, "StudyTime"))
-        if answer_time is None:
-            return "no valid Study Date"
-        if answer_time >= current_time:
-            return "not earlier than the current study"
-        if answer_time < earliest:
-            return "older than max_prior_age_days"
-        return ""
-
-    def _find_frontal_image(
-        self, client: QuerySourceClient, assoc, deadline: Deadline, candidate: PriorCandidate
-    ) -> FrontalImage | None:
-        """Query a candidate's series and images, and apply the routing rules to them."""
-        series_query = _new_identifier("SERIES")
-        series_query.StudyInstanceUID = candidate.study_instance_uid
-        for keyword in ("SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber"):
-            setattr(series_query, keyword, "")
-
-        images: list[RoutedImage] = []
-        series_of_image: dict[str, str] = {}
-        for series in client.find(assoc, series_query, deadline):
-            modality = _text(series, "Modality").upper()
-            series_instance_uid = _text(series, "SeriesInstanceUID")
-            if modality not in self.modalities or not is_valid_uid(series_instance_uid):
-                continue
-            image_query = _new_identifier("IMAGE")
-            image_query.StudyInstanceUID = candidate.study_instance_uid
-            image_query.SeriesInstanceUID = series_instance_uid
-            for keyword in ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "ViewPosition", "ImageComments"):
-                setattr(image_query, keyword, "")
-            image_query.ViewCodeSequence = []
-            for image in client.find(assoc, image_query, deadline):
-                sop_instance_uid = _text(image, "SOPInstanceUID")
-                sop_class_uid = _text(image, "SOPClassUID")
-                if not is_valid_uid(sop_instance_uid) or sop_class_uid not in ACCEPTED_STORAGE_SOP_CLASSES:
-                    continue
-                view_codes = image.get("ViewCodeSequence") or []
-                series_of_image[sop_instance_uid] = series_instance_uid
-                images.append(
-                    RoutedImage(
-                        sop_instance_uid=sop_instance_uid,
-                        sop_class_uid=sop_class_uid,
-                        modality=modality,
-                        body_part_examined=_text(series, "BodyPartExamined").upper(),
-                        series_description=_text(series, "SeriesDescription"),
-                        view_position=_text(image, "ViewPosition").upper(),
-                        view_code_value=_text(view_codes[0], "CodeValue") if view_codes else "",
-                        view_code_meaning=_text(view_codes[0], "CodeMeaning") if view_codes else "",
-                        image_comments=_text(image, "ImageComments"),
-                        instance_number=_integer(image, "InstanceNumber"),
-                    )
-                )
-
-        decision = route_study(images, candidate.study_description, self.config.routing)
-        if not decision.is_reported:
-            log.info(
-                "prior_retrieval.candidate_skipped",
-                candidate_study_instance_uid=candidate.study_instance_uid,
-                reason=decision.reason,
-            )
-            return None
-        sop_class_uid = next(image.sop_class_uid for image in images if image.sop_instance_uid == decision.frontal_sop_instance_uid)
-        return FrontalImage(
-            series_instance_uid=series_of_image[decision.frontal_sop_instance_uid],
-            sop_instance_uid=decision.frontal_sop_instance_uid,
-            sop_class_uid=sop_class_uid,
-            frontal_reason=decision.frontal_reason,
         )
 
     # -- retrieve ----------------------------------------------------------------------------
@@ -400,7 +250,7 @@ class PriorRetriever:
     def _send_retrieve(self, source: QuerySourceSettings, frontal: FrontalImage, study_instance_uid: str) -> RetrieveResult:
         client = QuerySourceClient(source, self.config.node.ae_title)
         deadline = Deadline(source.retrieve_timeout_seconds)
-        identifier = _new_identifier("IMAGE")
+        identifier = new_identifier("IMAGE")
         identifier.StudyInstanceUID = study_instance_uid
         identifier.SeriesInstanceUID = frontal.series_instance_uid
         identifier.SOPInstanceUID = frontal.sop_instance_uid

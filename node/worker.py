@@ -40,7 +40,8 @@ from node.index.models import (
 from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
 from node.log_config import load_or_create_hash_key
-from node.prior_retrieval import PriorRetriever, PriorSearchRequest
+from node.prior_query import PriorSearchRequest
+from node.prior_retrieval import PriorRetriever
 from node.priors import find_prior_study
 from node.sr_builder import DeviceIdentity, DraftReport, SRDocumentClass, build_draft_sr
 from node.store import FileStore

@@ -22,7 +22,8 @@ from node.config import QuerySourceSettings
 from node.dimse_status import query_retrieve_status_name
 from node.index.models import Patient, Study, StudyState
 from node.index.session import IndexDatabase
-from node.prior_retrieval import PriorRetriever, PriorSearchRequest
+from node.prior_query import PriorSearchRequest
+from node.prior_retrieval import PriorRetriever
 from node.query_retrieve import Deadline, QueryRetrieveError, QuerySourceClient, check_query_source
 from node.store import FileStore
 from tests.node.conftest import NODE_AE_TITLE, node_config
