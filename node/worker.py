@@ -1,12 +1,12 @@
 """Worker: claims report jobs, runs Libra on the current and prior frontal images, writes the SR.
 
-Each job is a database row claimed under a lease that a heartbeat extends while the model
-runs; a crashed worker's lease expires and another claim picks the job up again. The SR
+Each job is a database row claimed under a lease, which a heartbeat extends while the model
+runs. When a worker crashes, its lease expires and another claim picks the job up again. The SR
 files, their index rows, one outbox entry per destination and the job's completion are
 committed in one transaction, so a crash never leaves a half-reported study. A job that
 fails `max_attempts` times is marked failed with its error and stays visible. When the index
 holds no prior study and query sources are configured, the job first searches them
-(`node.prior_retrieval`); a failing source costs at most its timeouts, and the job goes on
+(`node.prior_retrieval`). A failing source costs at most its timeouts, and the job goes on
 without a prior.
 """
 

@@ -22,6 +22,10 @@ SR_TIMEOUT_SECONDS = 120
 QUERY_AE_TITLE = "QR_PACS"
 CURRENT_STUDY_DATE = "20200315"
 
+# Tests of the network paths and answer filters run on SQLite only; the tests that write
+# retrieved studies into the index run on both index databases.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
 
 def _copy_as_study(path, study_date: str, issuer: str, accession_number: str) -> pydicom.Dataset:
     """Copy a shared file into a new study of the current study's patient, with new UIDs."""
@@ -141,6 +145,7 @@ def test_prior_retrieved_and_named_in_sr(make_node, start_query_orthanc, tmp_pat
     assert _job_count(node, str(prior.StudyInstanceUID)) == 0
 
 
+@sqlite_only
 def test_prior_later_and_non_chest_not_used(make_node, start_query_orthanc, tmp_path):
     node_port = free_port()
     pacs = start_query_orthanc(node_port)
@@ -178,6 +183,7 @@ def test_prior_later_and_non_chest_not_used(make_node, start_query_orthanc, tmp_
     assert skipped[0]["reason"] == "not a chest study: Body Part Examined HIP"
 
 
+@sqlite_only
 @pytest.mark.parametrize(("current_issuer", "prior_issuer"), [("HOSP_A", "HOSP_B"), ("", "HOSP_B")])
 def test_prior_other_issuer_not_used(make_node, start_query_orthanc, tmp_path, current_issuer, prior_issuer):
     node_port = free_port()
@@ -198,6 +204,7 @@ def test_prior_other_issuer_not_used(make_node, start_query_orthanc, tmp_path, c
     assert _retrieved_studies(node) == []
 
 
+@sqlite_only
 def test_prior_source_stopped_sr_without_prior(make_node, start_query_orthanc, orthanc, tmp_path):
     node_port = free_port()
     pacs = start_query_orthanc(node_port)
@@ -222,6 +229,7 @@ def test_prior_source_stopped_sr_without_prior(make_node, start_query_orthanc, o
     assert "connection was refused" in failures[0]["reason"]
 
 
+@sqlite_only
 def test_prior_source_silent_times_out(make_node, orthanc, tmp_path):
     # A listening socket that never answers stands for a PACS that hangs.
     silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -300,6 +308,7 @@ def test_placeholder_takes_patient_of_instance(make_node, tmp_path):
         assert study.study_date == "20190210"
 
 
+@sqlite_only
 def test_receiver_accepts_query_source_caller(make_node):
     node = make_node(run_worker=False, query_sources=[_query_source(free_port())])
     result = subprocess.run(
@@ -311,6 +320,7 @@ def test_receiver_accepts_query_source_caller(make_node):
     assert result.returncode == 0, result.stderr
 
 
+@sqlite_only
 def test_receiver_rejects_query_source_from_other_host(make_node):
     # The node never connects to this documentation address (RFC 5737); it is only compared.
     node = make_node(run_worker=False, query_sources=[_query_source(free_port(), host="192.0.2.10")])
@@ -326,6 +336,7 @@ def test_receiver_rejects_query_source_from_other_host(make_node):
     assert rejections[0]["calling_ae_title"] == QUERY_AE_TITLE
 
 
+@sqlite_only
 def test_prior_move_failure_sr_without_prior(make_node, start_query_orthanc, tmp_path):
     # Orthanc knows the node's AE title, but at a port where nothing listens, so the
     # C-STORE sub-operation of its C-MOVE fails.
