@@ -113,7 +113,7 @@ class DestinationSettings(_Section):
 
 
 class RetrieveMethod(str, Enum):
-    """How a prior image is retrieved from a query source."""
+    """The retrieve method of a query source: C-MOVE or C-GET."""
 
     MOVE = "move"
     """C-MOVE: the PACS opens its own association to the node's receiver to send the image."""

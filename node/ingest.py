@@ -150,7 +150,7 @@ class InstanceIngest:
         calling_ae_title: str,
         peer_host: str,
     ) -> StoreOutcome:
-        """Check, write and index one received file; never raises.
+        """Check, write and index one received file; every failure becomes a status, not an exception.
 
         Parameters
         ----------

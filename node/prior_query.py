@@ -1,8 +1,8 @@
 """Prior query: Study Root C-FIND of one query source for the current patient's earlier chest studies.
 
-The STUDY level query asks for the Patient ID, Issuer of Patient ID, Modalities in Study and
-a Study Date range. Every answer is checked again on the node's side (`reject_reason`),
-because a PACS may match Patient ID with wildcards or ignore Issuer of Patient ID. For a
+The STUDY level query matches on Patient ID, Issuer of Patient ID, Modalities in Study and a
+Study Date range. The node checks every match again (`reject_reason`), because a PACS may
+match Patient ID with wildcards or ignore Issuer of Patient ID. For a
 candidate study, SERIES and IMAGE level queries give the header evidence that the routing
 rules need to choose its frontal image.
 """
@@ -43,7 +43,7 @@ class PriorSearchRequest:
 
 @dataclass(frozen=True)
 class PriorCandidate:
-    """One study-level C-FIND answer that passed the node's own checks."""
+    """One study-level C-FIND match that passed the node's own checks."""
 
     source: QuerySourceSettings
     study_instance_uid: str
@@ -107,7 +107,7 @@ def find_candidates(
     Returns
     -------
     list of PriorCandidate
-        At most the source's `max_studies` answers that pass `reject_reason`, newest first.
+        At most the source's `max_studies` matches that pass `reject_reason`, newest first.
 
     Raises
     ------
@@ -125,28 +125,28 @@ def find_candidates(
     identifier.StudyDescription = ""
     identifier.AccessionNumber = ""
     identifier.StudyInstanceUID = ""
-    answers = client.find(assoc, identifier, deadline)
+    matches = client.find(assoc, identifier, deadline)
 
     candidates = []
     rejected: Counter[str] = Counter()
-    for answer in answers:
-        reason = reject_reason(answer, request, earliest, current_time)
+    for match in matches:
+        reason = reject_reason(match, request, earliest, current_time)
         if reason:
             rejected[reason] += 1
             continue
         candidates.append(
             PriorCandidate(
                 source=client.source,
-                study_instance_uid=_text(answer, "StudyInstanceUID"),
-                study_datetime=study_datetime(_text(answer, "StudyDate"), _text(answer, "StudyTime")),
-                study_description=_text(answer, "StudyDescription"),
+                study_instance_uid=_text(match, "StudyInstanceUID"),
+                study_datetime=study_datetime(_text(match, "StudyDate"), _text(match, "StudyTime")),
+                study_description=_text(match, "StudyDescription"),
             )
         )
     candidates.sort(key=lambda candidate: candidate.study_datetime, reverse=True)
     log.info(
         "prior_retrieval.studies_found",
         query_source=client.source.name,
-        answers=len(answers),
+        matches=len(matches),
         candidates=len(candidates),
         rejected=dict(rejected),
         patient_hash=request.patient_hash,
@@ -155,26 +155,26 @@ def find_candidates(
 
 
 def reject_reason(
-    answer: Dataset, request: PriorSearchRequest, earliest: dt.datetime, current_time: dt.datetime
+    match: Dataset, request: PriorSearchRequest, earliest: dt.datetime, current_time: dt.datetime
 ) -> str:
-    """Return why a study-level answer cannot be the prior, or "" when it can."""
-    study_instance_uid = _text(answer, "StudyInstanceUID")
+    """Return why a study-level C-FIND match cannot be the prior, or "" when it can."""
+    study_instance_uid = _text(match, "StudyInstanceUID")
     if not is_valid_uid(study_instance_uid):
         return "invalid Study Instance UID"
     if study_instance_uid == request.study_instance_uid:
         return "the current study"
-    # A PACS may match Patient ID with wildcards or ignore Issuer of Patient ID, so both
-    # are compared exactly here; an answer without the issuer counts as an empty issuer.
-    if _text(answer, "PatientID") != request.patient_id:
+    # A PACS may match Patient ID with wildcards or ignore Issuer of Patient ID, so both are
+    # compared exactly here. A match without Issuer of Patient ID counts as an empty issuer.
+    if _text(match, "PatientID") != request.patient_id:
         return "other Patient ID"
-    if _text(answer, "IssuerOfPatientID") != request.issuer_of_patient_id:
+    if _text(match, "IssuerOfPatientID") != request.issuer_of_patient_id:
         return "other Issuer of Patient ID"
-    answer_time = study_datetime(_text(answer, "StudyDate"), _text(answer, "StudyTime"))
-    if answer_time is None:
+    match_time = study_datetime(_text(match, "StudyDate"), _text(match, "StudyTime"))
+    if match_time is None:
         return "no valid Study Date"
-    if answer_time >= current_time:
+    if match_time >= current_time:
         return "not earlier than the current study"
-    if answer_time < earliest:
+    if match_time < earliest:
         return "older than max_prior_age_days"
     return ""
 

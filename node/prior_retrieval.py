@@ -1,12 +1,12 @@
 """Prior retrieval: find the patient's most recent earlier chest study at PACS and fetch its frontal image.
 
-The worker calls `PriorRetriever.search` when the index holds no prior study. Each
+The worker calls `PriorRetriever.search` when the index contains no prior study. Each
 `[[query_sources]]` entry is queried for the patient's earlier studies (`node.prior_query`).
 The most recent earlier study whose series and images pass the routing rules (a chest study
 with a frontal image) is chosen, across all sources. Only that image
 is retrieved, with C-MOVE to the node's own AE title or with C-GET. It is indexed like any
 received instance, in a study marked as retrieved that never gets a report. A source that
-fails or does not answer within its timeouts is logged, and the search goes on without it.
+fails or does not respond within its timeouts is logged, and the search goes on without it.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ class PriorRetriever:
     def search(self, request: PriorSearchRequest) -> PriorSearchResult:
         """Query every source, retrieve the frontal image of the best prior, and index it.
 
-        A failing source is logged and never raises. The result names the retrieved study,
-        or None when no source had a usable earlier study, and the AE titles of the sources
-        whose query or retrieve failed or timed out.
+        A source that fails or times out is logged and does not raise. The result names the
+        retrieved study, or None when no source had a usable earlier study, and the AE titles
+        of the sources whose query or retrieve failed or timed out.
         """
         current_time = study_datetime(request.study_date, request.study_time)
         if current_time is None or not request.patient_id:
@@ -128,7 +128,7 @@ class PriorRetriever:
         connections: dict[str, _QueryConnection],
         failed: dict[str, str],
     ) -> list[PriorCandidate]:
-        """Ask every source at STUDY level; keep each association open for the next queries."""
+        """Query every source at STUDY level; keep each association open for the series and image queries."""
         candidates: list[PriorCandidate] = []
         for source in self.config.query_sources:
             client = QuerySourceClient(source, self.config.node.ae_title)
@@ -215,7 +215,7 @@ class PriorRetriever:
     def _retrieve(self, candidate: PriorCandidate, frontal: FrontalImage, request: PriorSearchRequest) -> None:
         """Retrieve the frontal image into the index and route its study as a retrieved prior.
 
-        The placeholder row is written first, so the stable timer never sees the study
+        The placeholder row is written first, so the stable timer never finds the study
         unmarked. It is removed again when the image does not arrive.
 
         Raises

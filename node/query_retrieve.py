@@ -4,13 +4,14 @@
 test-query`.
 
 Each request runs under a `Deadline`. The association request, the TCP connection and every
-wait for a response are bounded by the time left, so a PACS that does not answer costs at
+wait for a response are bounded by the time left, so a PACS that does not respond costs at
 most that time. Failures raise `QueryRetrieveError`, whose message names the source, the
 request and the cause.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from pynetdicom.sop_class import (
 )
 
 from node.config import QuerySourceSettings, RetrieveMethod
-from node.dimse_status import QueryRetrieveStatus, query_retrieve_status_name
+from node.dimse_status import DimseStatus, QueryRetrieveStatus, query_retrieve_status_name
 from node.ingest import ACCEPTED_STORAGE_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 
 PENDING_STATUSES = frozenset({QueryRetrieveStatus.PENDING, QueryRetrieveStatus.PENDING_WITH_WARNING})
@@ -39,7 +40,7 @@ GET_MODEL = StudyRootQueryRetrieveInformationModelGet
 
 
 class QueryRetrieveError(RuntimeError):
-    """A query source rejected, failed or did not answer a request in time.
+    """A query source rejected or failed a request, or did not respond in time.
 
     Attributes
     ----------
@@ -116,7 +117,7 @@ class QuerySourceClient:
         contexts
             (abstract syntax, transfer syntaxes) pairs; None proposes pynetdicom's defaults.
         deadline
-            Bounds the TCP connection and the wait for the association answer.
+            Bounds the TCP connection and the wait for A-ASSOCIATE-AC or A-ASSOCIATE-RJ.
         scp_role_sop_classes
             Storage SOP classes for which the node proposes the SCP role (C-GET).
         store_handler
@@ -125,7 +126,7 @@ class QuerySourceClient:
         Raises
         ------
         QueryRetrieveError
-            When the source rejects the association, refuses the connection or does not answer.
+            When the source rejects the association, refuses the connection or does not respond.
         """
         if deadline.expired:
             raise QueryRetrieveError(f"no time left to associate with {self.peer}", timed_out=True)
@@ -174,10 +175,10 @@ class QuerySourceClient:
             On a failure or cancel status, a lost association or the deadline.
         """
         request_name = f"C-FIND at {identifier.QueryRetrieveLevel} level"
-        responses = assoc.send_c_find(identifier, FIND_MODEL)
+        send = functools.partial(assoc.send_c_find, identifier, FIND_MODEL)
         matches = []
         final_status = None
-        for status, response_identifier in self._responses(assoc, responses, deadline, request_name):
+        for status, response_identifier in self._responses(assoc, send, deadline, request_name):
             if status in PENDING_STATUSES:
                 if response_identifier is not None:
                     matches.append(response_identifier)
@@ -195,8 +196,8 @@ class QuerySourceClient:
 
     def move(self, assoc: Association, identifier: Dataset, move_destination: str, deadline: Deadline) -> RetrieveResult:
         """Send a Study Root C-MOVE to `move_destination` and return its final response."""
-        responses = assoc.send_c_move(identifier, move_destination, MOVE_MODEL)
-        return self._retrieve_result(assoc, responses, deadline, "C-MOVE")
+        send = functools.partial(assoc.send_c_move, identifier, move_destination, MOVE_MODEL)
+        return self._retrieve_result(assoc, send, deadline, "C-MOVE")
 
     def get(self, assoc: Association, identifier: Dataset, deadline: Deadline) -> RetrieveResult:
         """Send a Study Root C-GET and return its final response.
@@ -204,12 +205,14 @@ class QuerySourceClient:
         The instances arrive as C-STORE sub-operations on the same association, handled by
         the `store_handler` given to `associate`.
         """
-        responses = assoc.send_c_get(identifier, GET_MODEL)
-        return self._retrieve_result(assoc, responses, deadline, "C-GET")
+        send = functools.partial(assoc.send_c_get, identifier, GET_MODEL)
+        return self._retrieve_result(assoc, send, deadline, "C-GET")
 
-    def _retrieve_result(self, assoc: Association, responses, deadline: Deadline, request_name: str) -> RetrieveResult:
+    def _retrieve_result(
+        self, assoc: Association, send: Callable[[], Iterator], deadline: Deadline, request_name: str
+    ) -> RetrieveResult:
         final = None
-        for status, status_dataset in self._responses(assoc, responses, deadline, request_name, with_status=True):
+        for status, status_dataset in self._responses(assoc, send, deadline, request_name, with_status=True):
             if status not in PENDING_STATUSES:
                 final = RetrieveResult(
                     status=status,
@@ -222,15 +225,33 @@ class QuerySourceClient:
         return final
 
     def _responses(
-        self, assoc: Association, responses, deadline: Deadline, request_name: str, with_status: bool = False
+        self,
+        assoc: Association,
+        send: Callable[[], Iterator],
+        deadline: Deadline,
+        request_name: str,
+        with_status: bool = False,
     ) -> Iterator[tuple[int, Dataset | None]]:
-        """Yield (status, identifier) pairs, or (status, status data set) with `with_status`.
+        """Send a request with `send` and yield (status, identifier) pairs.
+
+        With `with_status`, the pairs are (status, status data set) instead.
 
         Each wait for a response is bounded by the time left: pynetdicom reads the
         association's DIMSE timeout anew for every message, so it is lowered as time passes.
         """
         assoc.dimse_timeout = max(deadline.remaining(), 0.001)
-        for status_dataset, identifier in responses:
+        try:
+            # pynetdicom raises ValueError here when no accepted presentation context fits.
+            responses = send()
+        except (ValueError, RuntimeError) as exc:
+            raise QueryRetrieveError(f"{request_name} to {self.peer} was not sent: {exc}") from exc
+        while True:
+            try:
+                status_dataset, identifier = next(responses)
+            except StopIteration:
+                return
+            except (ValueError, RuntimeError) as exc:
+                raise QueryRetrieveError(f"{request_name} to {self.peer} was not sent: {exc}") from exc
             if "Status" not in status_dataset:
                 if deadline.expired:
                     raise QueryRetrieveError(
@@ -267,9 +288,9 @@ class SourceCheck:
 
 
 def check_query_source(source: QuerySourceSettings, calling_ae_title: str) -> list[SourceCheck]:
-    """Check that a query source answers C-ECHO and allows the node's C-FIND and retrieve.
+    """Check that a query source responds to C-ECHO and allows the node's C-FIND and retrieve.
 
-    The C-FIND asks for a Patient ID that no patient has, and the retrieve asks for an image
+    The C-FIND requests a Patient ID that no patient has, and the retrieve requests an image
     UID made up for the check, so no patient data is transferred.
 
     Parameters
@@ -301,8 +322,8 @@ def _check_echo(client: QuerySourceClient) -> SourceCheck:
         release(assoc)
     status = int(response.Status) if response is not None and "Status" in response else None
     if status == QueryRetrieveStatus.SUCCESS:
-        return SourceCheck("C-ECHO", True, f"{client.peer} answered Success")
-    return SourceCheck("C-ECHO", False, f"{client.peer} answered {_status_text(status)}")
+        return SourceCheck("C-ECHO", True, f"{client.peer} returned Success")
+    return SourceCheck("C-ECHO", False, f"{client.peer} returned {_status_text(status)}")
 
 
 def _check_find(client: QuerySourceClient) -> SourceCheck:
@@ -347,12 +368,12 @@ def _check_move(client: QuerySourceClient) -> SourceCheck:
         return SourceCheck("C-MOVE", False, f"{exc}. {hint}")
     if result.status == QueryRetrieveStatus.MOVE_DESTINATION_UNKNOWN:
         return SourceCheck("C-MOVE", False, f"{client.peer} does not know the move destination {client.calling_ae_title}. {hint}")
-    # NOTE: a PACS may look up the image before the destination (Orthanc 1.10 does), so a
-    # made-up image cannot show whether the PACS can reach the node; a real retrieve shows it.
+    # NOTE: a PACS may look up the image before the move destination (Orthanc 1.10 does). A
+    # made-up image therefore cannot show whether the PACS can reach the node; a real retrieve can.
     return SourceCheck(
         "C-MOVE",
         True,
-        f"C-MOVE allowed; {client.peer} answered {_status_text(result.status)} for an image made up for the check. "
+        f"C-MOVE allowed; {client.peer} returned {_status_text(result.status)} for an image made up for the check. "
         f"Whether the PACS can open an association to {client.calling_ae_title} shows at the first real retrieve",
     )
 
@@ -366,7 +387,7 @@ def _check_get(client: QuerySourceClient) -> SourceCheck:
             [(GET_MODEL, None), *storage_contexts],
             deadline,
             scp_role_sop_classes=ACCEPTED_STORAGE_SOP_CLASSES,
-            store_handler=lambda event: QueryRetrieveStatus.UNABLE_TO_PROCESS,
+            store_handler=_refuse_check_store,
         )
         try:
             if not any(context.abstract_syntax == GET_MODEL for context in assoc.accepted_contexts):
@@ -387,9 +408,14 @@ def _check_get(client: QuerySourceClient) -> SourceCheck:
     return SourceCheck(
         "C-GET",
         True,
-        f"C-GET allowed, with the node as Storage SCP for {len(scp_roles)} SOP classes; {client.peer} answered "
+        f"C-GET allowed, with the node as Storage SCP for {len(scp_roles)} SOP classes; {client.peer} returned "
         f"{_status_text(result.status)} for an image made up for the check",
     )
+
+
+def _refuse_check_store(event: evt.Event) -> int:
+    """Reject every C-STORE sub-operation of a check, because a check requests no real image."""
+    return DimseStatus.NOT_AUTHORIZED
 
 
 def _made_up_image_identifier() -> Dataset:

@@ -184,7 +184,7 @@ class DraftReport:
         received the prior itself. The Comparison section names it.
     failed_prior_query_ae_titles
         AE titles of the PACS where the query or retrieve of a prior failed or timed out. When
-        no prior is given, the Comparison section says that an earlier study may exist there.
+        no prior is given, the Comparison section states that an earlier study may exist there.
     """
 
     findings_text: str

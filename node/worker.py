@@ -5,7 +5,7 @@ runs. When a worker crashes, its lease expires and another claim picks the job u
 files, their index rows, one outbox entry per destination and the job's completion are
 committed in one transaction, so a crash never leaves a half-reported study. A job that
 fails `max_attempts` times is marked failed with its error and stays visible. When the index
-holds no prior study and query sources are configured, the job first searches them
+contains no prior study and query sources are configured, the job first searches them
 (`node.prior_retrieval`). A failing source costs at most its timeouts, and the job goes on
 without a prior.
 """

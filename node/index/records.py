@@ -1,7 +1,7 @@
 """Index writes made by the receiver: one instance with its patient, study and series rows.
 
-Also the placeholder study row that the prior retrieval writes before it asks a PACS for a
-prior image, so that the image is marked as retrieved from its first moment in the index.
+Also the placeholder study row that the prior retrieval writes before it requests a prior
+image from a PACS, so that the image is marked as retrieved from its first moment in the index.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def record_instance(
 def _adopt_first_instance(session: Session, study: Study, patient: Patient, header: InstanceHeader, actor: str) -> None:
     """Fill a placeholder study row (see `create_retrieval_placeholder`) from its first instance.
 
-    The patient and study attributes come from the instance, never from the query answer
+    The patient and study attributes come from the instance, never from the C-FIND match
     that made the placeholder, so a prior is matched on what the PACS really sent.
     """
     study.patient = patient
@@ -195,7 +195,7 @@ def create_retrieval_placeholder(
     """Add or reuse the study row of a prior about to be retrieved, marked with its source.
 
     The row has no instances and no stable deadline, so the stable timer leaves it alone
-    until an instance arrives. A row of a study that already holds instances is returned
+    until an instance arrives. A row of a study that already has instances is returned
     unchanged.
 
     Parameters
@@ -240,7 +240,7 @@ def create_retrieval_placeholder(
 def remove_retrieval_placeholder(session: Session, study_instance_uid: str) -> bool:
     """Delete the placeholder row of a prior whose retrieval failed; return True if deleted.
 
-    Only a row that is marked as retrieved and holds no instance is deleted.
+    Only a row that is marked as retrieved and has no instances is deleted.
     """
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()
     if study is None or study.instance_count != 0 or study.retrieved_from is None:

@@ -1,4 +1,4 @@
-"""Prior retrieval: Orthanc holds the patient's earlier studies, the node receives only the current one."""
+"""Prior retrieval: Orthanc stores the patient's earlier studies, the node receives only the current one."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ SR_TIMEOUT_SECONDS = 120
 QUERY_AE_TITLE = "QR_PACS"
 CURRENT_STUDY_DATE = "20200315"
 
-# Tests of the network paths and answer filters run on SQLite only; the tests that write
+# Tests of the network paths and match filters run on SQLite only. The tests that write
 # retrieved studies into the index run on both index databases.
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -98,7 +98,7 @@ def _job_count(node, study_instance_uid: str) -> int:
 
 @pytest.fixture
 def start_query_orthanc(tmp_path):
-    """Start an Orthanc that knows the node as a DICOM modality; stopped after the test."""
+    """Start an Orthanc with the node in its DicomModalities; each is stopped after the test."""
     servers = []
 
     def start(node_port: int):
@@ -149,7 +149,7 @@ def test_prior_retrieved_and_named_in_sr(make_node, start_query_orthanc, tmp_pat
 def test_prior_later_and_non_chest_not_used(make_node, start_query_orthanc, tmp_path):
     node_port = free_port()
     pacs = start_query_orthanc(node_port)
-    # The PACS leaves out the later day by the Study Date range; the node drops the later
+    # The PACS leaves out the later day by the Study Date range. The node drops the later
     # study of the same day by its Study Time.
     later_chest = _copy_as_study(CHEST_PA_JPEG_BASELINE, "20210101", "HOSP_A", "LATER1")
     same_day_later_chest = _copy_as_study(CHEST_PA_JPEG_BASELINE, CURRENT_STUDY_DATE, "HOSP_A", "LATER2")
@@ -175,7 +175,7 @@ def test_prior_later_and_non_chest_not_used(make_node, start_query_orthanc, tmp_
     assert "failed" not in _comparison_text(sr)
     assert _retrieved_studies(node) == []
     found = [entry for entry in logs if entry["event"] == "prior_retrieval.studies_found"]
-    assert found[0]["answers"] == 2
+    assert found[0]["matches"] == 2
     assert found[0]["rejected"] == {"not earlier than the current study": 1}
     assert found[0]["candidates"] == 1
     skipped = [entry for entry in logs if entry["event"] == "prior_retrieval.candidate_skipped"]
@@ -231,7 +231,7 @@ def test_prior_source_stopped_sr_without_prior(make_node, start_query_orthanc, o
 
 @sqlite_only
 def test_prior_source_silent_times_out(make_node, orthanc, tmp_path):
-    # A listening socket that never answers stands for a PACS that hangs.
+    # A listening socket that never responds plays a PACS that hangs.
     silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -338,8 +338,8 @@ def test_receiver_rejects_query_source_from_other_host(make_node):
 
 @sqlite_only
 def test_prior_move_failure_sr_without_prior(make_node, start_query_orthanc, tmp_path):
-    # Orthanc knows the node's AE title, but at a port where nothing listens, so the
-    # C-STORE sub-operation of its C-MOVE fails.
+    # Orthanc has the node's AE title in DicomModalities, but with a port where nothing
+    # listens, so the C-STORE sub-operation of its C-MOVE fails.
     node_port = free_port()
     pacs = start_query_orthanc(free_port())
     prior = _copy_as_study(CHEST_PA_JPEG_BASELINE, "20190210", "HOSP_A", "PRIOR1")

@@ -10,7 +10,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -46,7 +45,8 @@ def start_peer():
     def start(handlers, contexts):
         ae = AE(ae_title=PEER_AE_TITLE)
         for context in contexts:
-            ae.add_supported_context(context)
+            abstract_syntax, options = context if isinstance(context, tuple) else (context, {})
+            ae.add_supported_context(abstract_syntax, **options)
         port = free_port()
         servers.append(ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers))
         return port
@@ -117,7 +117,7 @@ def test_ae_test_query_command_unknown_name(tmp_path, capsys):
     assert "query source 'pacs' is not in" in capsys.readouterr().err
 
 
-def test_find_pending_answers_past_deadline_time_out(start_peer):
+def test_find_past_deadline_times_out(start_peer):
     def handle_find(event):
         for number in range(40):
             time.sleep(0.25)
@@ -156,8 +156,12 @@ def test_find_failure_status_named(start_peer):
     assert not raised.value.timed_out
 
 
-def test_c_get_without_scp_role_fails_search(start_peer, tmp_path):
-    """A PACS that refuses the node the Storage SCP role cannot deliver by C-GET: logged, no prior."""
+@pytest.mark.parametrize(("peer_case", "expected_reason"), [
+    ("no_scp_role", "SCP/SCU role selection"),
+    ("no_get_context", "C-GET to PYNETDICOM_QR@127.0.0.1"),
+])
+def test_c_get_refused_fails_search(start_peer, tmp_path, peer_case, expected_reason):
+    """A PACS that refuses C-GET or the node's Storage SCP role: the failure is logged, no prior."""
     image = pydicom.dcmread(CHEST_PA_JPEG_BASELINE, stop_before_pixels=True)
     prior_study_instance_uid = generate_uid()
 
@@ -187,17 +191,21 @@ def test_c_get_without_scp_role_fails_search(start_peer, tmp_path):
         yield 0
         yield 0x0000, None
 
-    # pynetdicom accepts a proposed SCP role only for a context added with scp_role=True,
-    # so this peer supports the storage classes but refuses the node the SCP role.
-    port = start_peer(
-        [(evt.EVT_C_FIND, handle_find), (evt.EVT_C_GET, handle_get)],
-        [
-            StudyRootQueryRetrieveInformationModelFind,
-            StudyRootQueryRetrieveInformationModelGet,
-            SecondaryCaptureImageStorage,
-            ComputedRadiographyImageStorage,
-        ],
-    )
+    # pynetdicom accepts a proposed SCP role only for a context added with scp_role=True. The
+    # first peer supports the storage classes but refuses the node the SCP role; the second
+    # grants the role but does not support C-GET.
+    if peer_case == "no_scp_role":
+        contexts = [
+            (StudyRootQueryRetrieveInformationModelFind, {}),
+            (StudyRootQueryRetrieveInformationModelGet, {}),
+            (SecondaryCaptureImageStorage, {}),
+        ]
+    else:
+        contexts = [
+            (StudyRootQueryRetrieveInformationModelFind, {}),
+            (SecondaryCaptureImageStorage, {"scu_role": True, "scp_role": True}),
+        ]
+    port = start_peer([(evt.EVT_C_FIND, handle_find), (evt.EVT_C_GET, handle_get)], contexts)
     config = node_config(
         tmp_path / "node",
         None,
@@ -240,7 +248,7 @@ def test_c_get_without_scp_role_fails_search(start_peer, tmp_path):
     assert result.failed_ae_titles == (PEER_AE_TITLE,)
     failures = [entry for entry in logs if entry["event"] == "prior_retrieval.source_failed"]
     assert [entry["stage"] for entry in failures] == ["retrieve"]
-    assert "SCP/SCU role selection" in failures[0]["reason"]
+    assert expected_reason in failures[0]["reason"]
     assert placeholder is None
 
 
