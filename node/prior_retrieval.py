@@ -22,11 +22,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from node.config import NodeConfig, QuerySourceSettings, RetrieveMethod
 from node.dimse_status import DimseStatus, QueryRetrieveStatus, query_retrieve_status_name
 from node.index.models import Study, StudyState
-from node.index.records import create_retrieval_placeholder, find_instance, remove_retrieval_placeholder
+from node.index.records import create_retrieval_placeholder, find_instance, record_retrieval_failed
 from node.index.session import IndexDatabase
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, InstanceIngest, status_with_comment
 from node.prior_query import (
@@ -216,7 +217,7 @@ class PriorRetriever:
         """Retrieve the frontal image into the index and route its study as a retrieved prior.
 
         The placeholder row is written first, so the stable timer never finds the study
-        unmarked. It is removed again when the image does not arrive.
+        unmarked. When the image does not arrive, the row stays and records why.
 
         Raises
         ------
@@ -225,17 +226,14 @@ class PriorRetriever:
         """
         source = candidate.source
         started = time.monotonic()
-        with self.index.transaction() as session:
-            create_retrieval_placeholder(
-                session, candidate.study_instance_uid, request.patient_fk, source.ae_title, self.actor
-            )
+        self._write_placeholder(candidate, request)
         try:
             result = self._send_retrieve(source, frontal, candidate.study_instance_uid)
             self._check_retrieve_result(source, result)
             self._route_retrieved_study(candidate, frontal, request, result)
-        except BaseException:
+        except QueryRetrieveError as exc:
             with self.index.transaction() as session:
-                remove_retrieval_placeholder(session, candidate.study_instance_uid)
+                record_retrieval_failed(session, candidate.study_instance_uid, str(exc), self.actor)
             raise
         log.info(
             "prior_retrieval.prior_retrieved",
@@ -246,6 +244,23 @@ class PriorRetriever:
             frontal_reason=frontal.frontal_reason,
             retrieve_seconds=round(time.monotonic() - started, 3),
         )
+
+    def _write_placeholder(self, candidate: PriorCandidate, request: PriorSearchRequest) -> None:
+        """Write the prior's study row before the retrieve, or reuse the row of a concurrent job."""
+
+        def write() -> None:
+            with self.index.transaction() as session:
+                create_retrieval_placeholder(
+                    session, candidate.study_instance_uid, request.patient_fk, candidate.source.ae_title, self.actor
+                )
+
+        try:
+            write()
+        except IntegrityError:
+            # Another job inserted the row between this job's lookup and insert, so the
+            # second attempt finds the row and reuses it.
+            # NOTE: no test provokes this race, which needs two jobs inserting the row at once.
+            write()
 
     def _send_retrieve(self, source: QuerySourceSettings, frontal: FrontalImage, study_instance_uid: str) -> RetrieveResult:
         client = QuerySourceClient(source, self.config.node.ae_title)

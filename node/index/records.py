@@ -213,6 +213,7 @@ def create_retrieval_placeholder(
     if study is not None:
         if study.instance_count == 0:
             study.retrieved_from = retrieved_from
+            study.state_reason = f"prior study being retrieved from {retrieved_from}"
         return study
     study = Study(
         study_instance_uid=study_instance_uid,
@@ -237,13 +238,24 @@ def create_retrieval_placeholder(
     return study
 
 
-def remove_retrieval_placeholder(session: Session, study_instance_uid: str) -> bool:
-    """Delete the placeholder row of a prior whose retrieval failed; return True if deleted.
+def record_retrieval_failed(session: Session, study_instance_uid: str, reason: str, actor: str) -> None:
+    """Record on a placeholder row that its retrieve failed; a row with instances is left alone.
 
-    Only a row that is marked as retrieved and has no instances is deleted.
+    The row is kept, not deleted: a C-MOVE of another job for the same study may still
+    deliver its image, which must then find the study marked as retrieved. A later search
+    retrieves into the same row.
     """
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()
-    if study is None or study.instance_count != 0 or study.retrieved_from is None:
-        return False
-    session.delete(study)
-    return True
+    if study is None or study.instance_count != 0:
+        return
+    study.state_reason = f"prior retrieve from {study.retrieved_from} failed: {reason}"
+    record_audit(
+        session,
+        entity="study",
+        entity_id=study.id,
+        from_state=study.state.value,
+        to_state=study.state.value,
+        actor=actor,
+        reason=study.state_reason,
+        study_instance_uid=study_instance_uid,
+    )

@@ -359,6 +359,8 @@ def test_prior_move_failure_sr_without_prior(make_node, start_query_orthanc, tmp
     assert f"The search for an earlier study at PACS {QUERY_AE_TITLE} failed" in _comparison_text(sr)
     failures = [entry for entry in logs if entry["event"] == "prior_retrieval.source_failed"]
     assert [entry["stage"] for entry in failures] == ["retrieve"]
-    assert _retrieved_studies(node) == []
-    with node.index.transaction() as session:
-        assert session.scalars(select(Study).where(Study.study_instance_uid == str(prior.StudyInstanceUID))).first() is None
+    placeholders = _retrieved_studies(node)
+    assert [study.study_instance_uid for study in placeholders] == [str(prior.StudyInstanceUID)]
+    assert placeholders[0].instance_count == 0
+    assert placeholders[0].state == StudyState.SKIPPED
+    assert placeholders[0].state_reason.startswith(f"prior retrieve from {QUERY_AE_TITLE} failed: C-MOVE")

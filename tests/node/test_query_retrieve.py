@@ -14,6 +14,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
+from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from node.cli import main
@@ -240,7 +241,7 @@ def test_c_get_refused_fails_search(start_peer, tmp_path, peer_case, expected_re
         with capture_logs() as logs:
             result = retriever.search(request)
         with index.transaction() as session:
-            placeholder = session.query(Study).filter_by(study_instance_uid=prior_study_instance_uid).first()
+            placeholder = session.scalars(select(Study).where(Study.study_instance_uid == prior_study_instance_uid)).one()
     finally:
         index.dispose()
 
@@ -249,7 +250,8 @@ def test_c_get_refused_fails_search(start_peer, tmp_path, peer_case, expected_re
     failures = [entry for entry in logs if entry["event"] == "prior_retrieval.source_failed"]
     assert [entry["stage"] for entry in failures] == ["retrieve"]
     assert expected_reason in failures[0]["reason"]
-    assert placeholder is None
+    assert placeholder.instance_count == 0
+    assert placeholder.state_reason.startswith(f"prior retrieve from {PEER_AE_TITLE} failed: ")
 
 
 @pytest.mark.parametrize(
