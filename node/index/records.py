@@ -241,7 +241,7 @@ def create_retrieval_placeholder(
 def record_retrieval_failed(session: Session, study_instance_uid: str, reason: str, actor: str) -> None:
     """Record on a placeholder row that its retrieve failed; a row with instances is left alone.
 
-    The row is kept, not deleted: a C-MOVE of another job for the same study may still
+    The row is kept, not deleted, because a C-MOVE of another job for the same study may still
     deliver its image, which must then find the study marked as retrieved. A later search
     retrieves into the same row.
     """

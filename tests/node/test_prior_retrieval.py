@@ -120,6 +120,13 @@ def test_prior_retrieved_and_named_in_sr(make_node, start_query_orthanc, tmp_pat
     node_port = free_port()
     pacs = start_query_orthanc(node_port)
     prior = _copy_as_study(CHEST_PA_JPEG_BASELINE, "20190210", "HOSP_A", "PRIOR1")
+    # A lateral image in the same series, which the node must not retrieve.
+    prior_lateral = copy.deepcopy(prior)
+    prior_lateral.SOPInstanceUID = generate_uid()
+    prior_lateral.file_meta.MediaStorageSOPInstanceUID = prior_lateral.SOPInstanceUID
+    prior_lateral.ViewPosition = "LL"
+    prior_lateral.InstanceNumber = 2
+    _upload(pacs, prior_lateral)
     _upload(pacs, prior)
     current = _copy_as_study(CHEST_PA_JPEG_BASELINE, CURRENT_STUDY_DATE, "HOSP_A", "CURR1")
 
@@ -141,6 +148,7 @@ def test_prior_retrieved_and_named_in_sr(make_node, start_query_orthanc, tmp_pat
     assert [study.study_instance_uid for study in retrieved] == [str(prior.StudyInstanceUID)]
     assert retrieved[0].retrieved_from == QUERY_AE_TITLE
     assert retrieved[0].frontal_sop_instance_uid == str(prior.SOPInstanceUID)
+    assert retrieved[0].instance_count == 1
     assert retrieved[0].state == StudyState.SKIPPED
     assert _job_count(node, str(prior.StudyInstanceUID)) == 0
 
