@@ -44,6 +44,7 @@ from node.index.records import find_instance, record_instance
 from node.index.session import IndexDatabase
 from node.log_config import patient_hash
 from node.store import FileStore, InvalidUIDError, check_uid, sha256_file
+from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
 log = structlog.get_logger(__name__)
 
@@ -148,6 +149,12 @@ class Receiver:
         self._server = None
         self._previous_tempdir: str | None = None
         self._actor = f"receiver:{os.getpid()}"
+        settings = config.node
+        self._ssl_context = (
+            server_context(settings.tls_certificate_file, settings.tls_private_key_file, settings.tls_ca_file)
+            if settings.tls
+            else None
+        )
 
     # -- association -----------------------------------------------------------------------
 
@@ -185,14 +192,21 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
+        if self._ssl_context is not None:
+            handlers.append((evt.EVT_CONN_OPEN, self._on_connection_opened))
         self._server = self._build_ae().start_server(
-            (settings.bind_address, settings.port), block=False, evt_handlers=handlers
+            (settings.bind_address, settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context,
         )
         log.info(
             "receiver.listening",
             called_ae_title=settings.ae_title,
             bind_address=settings.bind_address,
             port=self.port,
+            tls=settings.tls,
+            tls_client_certificate_required=settings.tls_ca_file is not None,
         )
 
     @property
@@ -207,6 +221,27 @@ class Receiver:
             self._server = None
             tempfile.tempdir = self._previous_tempdir
             log.info("receiver.stopped")
+
+    def _on_connection_opened(self, event: evt.Event) -> None:
+        """Run the TLS handshake in the association's thread, before any DICOM message.
+
+        A failed handshake closes the connection, so the association ends before it starts.
+        """
+        association_socket = event.assoc.dul.socket
+        context = {"peer_host": event.address[0], "peer_port": event.address[1]}
+        try:
+            session = complete_server_handshake(association_socket.socket, self.config.node.acse_timeout_seconds)
+        except TLSHandshakeError as exc:
+            log.warning("receiver.tls_handshake_failed", error=str(exc), **context)
+            association_socket.close()
+            return
+        log.info(
+            "receiver.tls_established",
+            tls_version=session.tls_version,
+            cipher=session.cipher,
+            peer_certificate_subject=session.peer_certificate_subject,
+            **context,
+        )
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc

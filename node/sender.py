@@ -33,6 +33,7 @@ from node.dimse_status import status_category, status_name
 from node.index.models import OutboxEntry, OutboxState, StructuredReport, StudyState, utc_now
 from node.index.session import IndexDatabase, record_audit
 from node.store import FileStore
+from node.tls import destination_context
 
 log = structlog.get_logger(__name__)
 
@@ -50,18 +51,27 @@ class SendResult:
 
 
 def send_file(destination: DestinationSettings, path: Path, calling_ae_title: str) -> SendResult:
-    """Send one DICOM file with C-STORE and return the outcome; never raises for network faults."""
+    """Send one DICOM file with C-STORE and return the outcome; never raises for network faults.
+
+    With `destination.tls` the association runs over TLS, and a certificate or host name
+    that fails verification ends it before any DICOM message is sent.
+    """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = destination.timeout_seconds
     ae.dimse_timeout = destination.timeout_seconds
     ae.network_timeout = destination.timeout_seconds
+    ae.connection_timeout = destination.timeout_seconds
     for sop_class in SR_STORAGE_SOP_CLASSES:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    tls_context = destination_context(destination) if destination.tls else None
+    tls_args = (tls_context, destination.tls_server_hostname or destination.host) if tls_context else None
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     except OSError as exc:
         return SendResult(False, None, f"connection failed: {exc}")
     if not assoc.is_established:
+        if tls_context is not None and tls_context.handshake_error:
+            return SendResult(False, None, f"TLS handshake failed: {tls_context.handshake_error}")
         if assoc.is_rejected:
             return SendResult(False, None, "association rejected")
         return SendResult(False, None, "association not established (aborted or no answer)")
@@ -105,6 +115,10 @@ class Sender:
         self.poll_seconds = poll_seconds
         self.sender_id = f"sender:{socket.gethostname()}:{os.getpid()}"
         self._destinations = {destination.name: destination for destination in config.destinations}
+        for destination in config.destinations:
+            if destination.tls:
+                # Built once here so that a missing or invalid file stops the node at start.
+                destination_context(destination)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
