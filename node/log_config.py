@@ -17,6 +17,8 @@ from pathlib import Path
 
 import structlog
 
+from node.store import make_private_directory
+
 # Keys that would carry PHI or report text. Code must not log them; this list catches mistakes.
 PHI_KEYS = frozenset(
     {
@@ -103,7 +105,7 @@ def load_or_create_hash_key(data_dir: Path) -> bytes:
         return bytes.fromhex(key_path.read_text().strip())
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_directory(data_dir)
     key = secrets.token_bytes(32)
     descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as key_file:

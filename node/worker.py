@@ -66,8 +66,13 @@ def load_or_create_device_uid(data_dir: Path) -> str:
     except FileNotFoundError:
         pass
     uid = generate_uid()
-    path.write_text(uid + "\n")
-    path.chmod(0o600)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # Another process of this installation created it a moment ago.
+        return path.read_text().strip()
+    with os.fdopen(descriptor, "w") as uid_file:
+        uid_file.write(uid + "\n")
     return uid
 
 
