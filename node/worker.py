@@ -352,7 +352,7 @@ class Worker:
             current_frontal if path == inputs.current_frontal_path else pydicom.dcmread(path, stop_before_pixels=True)
             for path in inputs.current_evidence_paths
         ]
-        written = self._write_srs(inputs, current_evidence, current_frontal, prior_frontal, report)
+        written = self._write_srs(inputs, current_evidence, prior_frontal, report)
         try:
             self._complete_job(inputs, written, report)
         except BaseException:
@@ -360,7 +360,7 @@ class Worker:
                 self.store.remove(relative_path)
             raise
 
-    def _write_srs(self, inputs, current_evidence, current_frontal, prior_frontal, report):
+    def _write_srs(self, inputs, current_evidence, prior_frontal, report):
         """Write one SR file per SR class that the destinations need; return (class, path, dataset)."""
         classes = sorted({destination.sr_class for destination in self.config.destinations} or {SRClass.ENHANCED})
         series_instance_uid = generate_uid()
@@ -368,9 +368,13 @@ class Worker:
         for instance_number, sr_class in enumerate(classes, start=1):
             predecessor_path = inputs.predecessor_paths.get(sr_class.value)
             predecessor = pydicom.dcmread(predecessor_path, stop_before_pixels=True) if predecessor_path else None
+            # A fresh header for each SR, because the builder copies a value's bytes only from an
+            # element that nothing has decoded yet (decoding replaces bytes that are invalid in
+            # the declared character set).
+            frontal_header = pydicom.dcmread(inputs.current_frontal_path, stop_before_pixels=True)
             dataset = build_draft_sr(
                 current_evidence,
-                current_frontal,
+                frontal_header,
                 prior_frontal,
                 report,
                 self.device,
