@@ -42,7 +42,7 @@ from node.dimse_status import DimseStatus, status_name
 from node.headers import InstanceHeader, UnreadableDatasetError, header_from_dataset, read_dataset_header
 from node.index.records import find_instance, record_instance
 from node.index.session import IndexDatabase
-from node.log_config import patient_hash
+from node.log_config import bind_patient_identifiers, patient_hash, patient_identifiers_redacted
 from node.store import FileStore, InvalidUIDError, check_uid, sha256_file
 from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
@@ -339,20 +339,21 @@ class Receiver:
             "calling_ae_title": calling_ae_title,
             "peer_host": event.assoc.requestor.address,
         }
-        try:
-            outcome = self._store(event, calling_ae_title)
-        except StoreRejected as rejection:
-            outcome = StoreOutcome(rejection.status, rejection.reason)
-        except Exception as exc:  # noqa: BLE001 - every failure must reach the peer as a status
-            log.error("receiver.store_failed", exc_info=exc, **log_context)
-            outcome = StoreOutcome(DimseStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+        with patient_identifiers_redacted():
+            try:
+                outcome = self._store(event, calling_ae_title)
+            except StoreRejected as rejection:
+                outcome = StoreOutcome(rejection.status, rejection.reason)
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the peer as a status
+                log.error("receiver.store_failed", exc_info=exc, **log_context)
+                outcome = StoreOutcome(DimseStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
 
-        status_context = {"status": f"0x{outcome.status:04X}", "status_name": status_name(outcome.status)}
-        if outcome.status == DimseStatus.SUCCESS:
-            return DimseStatus.SUCCESS
-        if outcome.status != DimseStatus.PROCESSING_FAILURE:
-            log.warning("receiver.instance_rejected", reason=outcome.reason, **log_context, **status_context)
-        return _status_with_comment(outcome.status, outcome.reason)
+            status_context = {"status": f"0x{outcome.status:04X}", "status_name": status_name(outcome.status)}
+            if outcome.status == DimseStatus.SUCCESS:
+                return DimseStatus.SUCCESS
+            if outcome.status != DimseStatus.PROCESSING_FAILURE:
+                log.warning("receiver.instance_rejected", reason=outcome.reason, **log_context, **status_context)
+            return _status_with_comment(outcome.status, outcome.reason)
 
     def _store(self, event: evt.Event, calling_ae_title: str) -> StoreOutcome:
         request = event.request
@@ -364,7 +365,10 @@ class Receiver:
             )
 
         try:
-            header = header_from_dataset(read_dataset_header(temporary_path))
+            dataset = read_dataset_header(temporary_path)
+            # Bound before any element is decoded, so that no warning quotes a value unredacted.
+            bind_patient_identifiers(dataset)
+            header = header_from_dataset(dataset)
         except UnreadableDatasetError as exc:
             raise StoreRejected(DimseStatus.CANNOT_UNDERSTAND, str(exc)) from exc
         self._check_identity(header, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))

@@ -16,7 +16,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import structlog
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -32,6 +34,7 @@ from node.config import DestinationSettings, NodeConfig
 from node.dimse_status import status_category, status_name
 from node.index.models import OutboxEntry, OutboxState, StructuredReport, StudyState, utc_now
 from node.index.session import IndexDatabase, record_audit
+from node.log_config import bind_patient_identifiers, patient_identifiers_redacted
 from node.store import FileStore
 from node.tls import destination_context
 
@@ -167,9 +170,16 @@ class Sender:
             result = SendResult(False, None, f"destination {destination_name!r} is no longer configured")
             self._record_result(entry_id, result, final=True, context=context)
             return True
-        result = send_file(destination, self.store.absolute(file_path), self.config.node.ae_title)
-        final = not result.delivered and attempt >= destination.max_attempts
-        self._record_result(entry_id, result, final=final, context=context, destination=destination)
+        path = self.store.absolute(file_path)
+        with patient_identifiers_redacted():
+            try:
+                bind_patient_identifiers(pydicom.dcmread(path, stop_before_pixels=True))
+            except (InvalidDicomError, OSError) as exc:
+                result = SendResult(False, None, f"SR file {file_path} cannot be read: {exc}")
+            else:
+                result = send_file(destination, path, self.config.node.ae_title)
+            final = not result.delivered and attempt >= destination.max_attempts
+            self._record_result(entry_id, result, final=final, context=context, destination=destination)
         return True
 
     def _claim_entry(self):

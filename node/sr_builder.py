@@ -31,6 +31,7 @@ from highdicom.sr import (
     TextContentItem,
     UIDRefContentItem,
 )
+from highdicom.enum import PatientSexValues
 from highdicom.sr.sop import _SR
 from highdicom.sr.utils import find_content_items
 from pydicom import config
@@ -46,7 +47,7 @@ from pydicom.uid import (
     EnhancedSRStorage,
     ExplicitVRLittleEndian,
 )
-from pydicom.valuerep import PersonName, validate_value
+from pydicom.valuerep import DA, TM, PersonName, validate_value
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +140,14 @@ _TYPE_2_STUDY_KEYWORDS = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+# Type 2 attributes that highdicom 0.28 converts (to DA, TM or its PatientSexValues enum), so
+# that a source value invalid for them would stop the SR from being built.
+_CONVERTED_TYPE_2_KEYWORDS = {
+    "PatientBirthDate": DA,
+    "PatientSex": PatientSexValues,
+    "StudyDate": DA,
+    "StudyTime": TM,
+}
 
 
 class SRDocumentClass(str, Enum):
@@ -380,6 +389,7 @@ def build_draft_sr(
     for keyword in _TYPE_2_STUDY_KEYWORDS:
         if keyword not in frontal_header:
             setattr(frontal_header, keyword, None)
+    _empty_unconvertible_type_2_values(frontal_header)
     other_current_headers = [
         _header_copy(dataset)
         for dataset in current_evidence
@@ -644,6 +654,25 @@ def _header_copy(dataset: pydicom.Dataset) -> pydicom.Dataset:
         if element.tag.group != 0x7FE0:
             header.add(copy.deepcopy(element))
     return header
+
+
+def _empty_unconvertible_type_2_values(frontal_header: pydicom.Dataset) -> None:
+    """Empty the Type 2 values that highdicom cannot convert, such as a Patient's Birth Date
+    of "1943-11-07" (DA needs "19431107"). Type 2 allows an empty value, and the SR is still
+    built; the warning names the attribute but not its value."""
+    for keyword, convert in _CONVERTED_TYPE_2_KEYWORDS.items():
+        element = frontal_header[keyword]
+        if element.is_empty:
+            continue
+        try:
+            convert(str(element.value))
+        except ValueError:
+            element.value = None
+            log.warning(
+                "sr_builder.invalid_attribute_emptied",
+                keyword=keyword,
+                source_sop_instance_uid=frontal_header.SOPInstanceUID,
+            )
 
 
 def _drop_invalid_optional_attributes(sr: pydicom.Dataset, source_sop_instance_uid: str) -> None:

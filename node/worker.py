@@ -36,6 +36,7 @@ from node.index.models import (
     utc_now,
 )
 from node.index.session import IndexDatabase, record_audit
+from node.log_config import bind_patient_identifiers, patient_identifiers_redacted, redact_patient_identifiers
 from node.priors import find_prior_study
 from node.sr_builder import DeviceIdentity, DraftReport, SRDocumentClass, build_draft_sr
 from node.store import FileStore
@@ -206,9 +207,11 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat, args=(job_id, heartbeat_stop), daemon=True)
         heartbeat.start()
         try:
-            self._run_job(job_id)
-        except Exception as exc:  # noqa: BLE001 - recorded on the job row and logged
-            self._fail_job(job_id, exc)
+            with patient_identifiers_redacted():
+                try:
+                    self._run_job(job_id)
+                except Exception as exc:  # noqa: BLE001 - recorded on the job row and logged
+                    self._fail_job(job_id, exc)
         finally:
             heartbeat_stop.set()
             heartbeat.join()
@@ -321,6 +324,9 @@ class Worker:
         inputs = self._resolve_inputs(job_id)
         current_frontal = pydicom.dcmread(inputs.current_frontal_path)
         prior_frontal = pydicom.dcmread(inputs.prior_frontal_path) if inputs.prior_frontal_path else None
+        bind_patient_identifiers(current_frontal)
+        if prior_frontal is not None:
+            bind_patient_identifiers(prior_frontal)
 
         generated = self.generator.generate(
             current_frontal,
@@ -485,7 +491,8 @@ class Worker:
             log.warning("worker.no_destinations", reason="SR kept in the store; add a [[destinations]] entry")
 
     def _fail_job(self, job_id: int, error: Exception) -> None:
-        message = f"{type(error).__name__}: {error}"
+        # Library errors can quote a patient's values; the job row and study reason must not.
+        message = redact_patient_identifiers(f"{type(error).__name__}: {error}")
         with self.index.transaction() as session:
             job = session.get(ReportJob, job_id)
             study = job.study
