@@ -124,7 +124,8 @@ def patient_identifier_values(dataset: Dataset) -> set[str]:
     """
     try:
         encodings = convert_encodings(dataset.get("SpecificCharacterSet") or "")
-    except LookupError:
+    except (LookupError, ValueError, TypeError):
+        # An unusable Specific Character Set: Latin-1 still finds the ASCII forms.
         encodings = ["iso8859"]
     found: set[str] = set()
     for keyword in PATIENT_IDENTIFIER_KEYWORDS:

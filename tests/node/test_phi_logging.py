@@ -2,8 +2,8 @@
 
 Studies in several character sets, with a malformed birth date and a rejected duplicate, go
 from dcmsend through a `libra-node run` process to Orthanc. The node logs at debug level,
-which includes the standard library loggers of pynetdicom, highdicom and apscheduler, and
-everything it writes to standard error (log lines, Python warnings, anything else) is then
+which includes the standard library loggers of pynetdicom, highdicom and apscheduler.
+Everything it writes to standard error (log lines, Python warnings, anything else) is then
 searched for every form of each source's identifying values.
 """
 

@@ -234,6 +234,16 @@ def test_tls_missing_key_file_stops_node(tmp_path, pki):
         NodeService(config, run_worker=False)
 
 
+def test_tls_destination_missing_ca_stops_node(tmp_path, pki):
+    destination = {
+        "name": "tls_pacs", "ae_title": SCP_AE_TITLE, "host": "127.0.0.1", "port": 104,
+        "tls": True, "tls_ca_file": str(tmp_path / "missing-ca.pem"),
+    }
+    config = node_config(tmp_path / "node", None, destinations=[destination])
+    with pytest.raises(TLSConfigError, match="destination 'tls_pacs': tls_ca_file"):
+        NodeService(config, run_worker=False)
+
+
 def test_tls_invalid_certificate_stops_node(tmp_path, pki):
     not_a_certificate = tmp_path / "node.pem"
     not_a_certificate.write_text("not a certificate\n")
