@@ -95,6 +95,9 @@ ae_title = "{MODALITY_AE_TITLE}"
 [worker]
 enabled = false
 
+[admin]
+port = 0
+
 [logging]
 level = "warning"
 """

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import structlog
 
+from node.admin import AdminError
+from node.admin_cli import add_admin_commands
 from node.config import ConfigError, load_config, validate_ae_title
 from node.index.schema import SchemaOutdatedError
 
@@ -42,15 +44,20 @@ def _command_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     configure_logging(config.logging.format, config.logging.level)
-    service = NodeService(config, run_worker=not args.no_worker)
+    service = NodeService(config, run_worker=not args.no_worker, config_path=args.config)
     stop_requested = threading.Event()
 
     def request_stop(signal_number, frame):
         log.info("node.stop_requested", signal=signal.Signals(signal_number).name)
         stop_requested.set()
 
+    def request_reload(signal_number, frame):
+        log.info("node.reload_requested", signal=signal.Signals(signal_number).name)
+        service.reload_config_logged()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     service.start()
     stop_requested.wait()
     service.stop()
@@ -186,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr_show = sr_commands.add_parser("show", help="print an SR file's attributes and content tree")
     sr_show.add_argument("file", type=Path)
     sr_show.set_defaults(handler=_command_sr_show)
+
+    add_admin_commands(commands)
     return parser
 
 
@@ -198,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"libra-node: {exc}", file=sys.stderr)
         return 2
     except SchemaOutdatedError as exc:
+        print(f"libra-node: {exc}", file=sys.stderr)
+        return 2
+    except AdminError as exc:
         print(f"libra-node: {exc}", file=sys.stderr)
         return 2
 

@@ -12,13 +12,23 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 AE_TITLE_MAX_LENGTH = 16
+ADMIN_TOKEN_MIN_LENGTH = 16
 
 
 class ConfigError(ValueError):
-    """The configuration file is missing, is not TOML, or holds an invalid value."""
+    """The configuration file is missing, is not TOML, or contains an invalid value."""
 
 
 def validate_ae_title(value: str) -> str:
@@ -174,6 +184,8 @@ class ModelSettings(_Section):
     dtype: str = "auto"
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     dicom_conversion: Literal["mimic", "released"] = "mimic"
+    feature_cache_size: int = Field(default=32, ge=0)
+    feature_cache_dir: str = "feature_cache"
 
     @field_validator("device")
     @classmethod
@@ -198,6 +210,7 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
     lease_seconds: float = Field(default=300.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
+    max_batch_size: int = Field(default=4, ge=1)
 
 
 class ReportSettings(_Section):
@@ -216,6 +229,56 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class AdminSettings(_Section):
+    """The `[admin]` table: the HTTP endpoint for health, metrics, the status page and the API."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=11180, ge=0, le=65535)
+    token: SecretStr = SecretStr("")
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_bind_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address such as 127.0.0.1") from exc
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: SecretStr) -> SecretStr:
+        length = len(value.get_secret_value())
+        if length and length < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"the admin token has {length} characters; use at least {ADMIN_TOKEN_MIN_LENGTH} "
+                "(for example the output of 'openssl rand -hex 32')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _require_token_off_loopback(self) -> "AdminSettings":
+        if self.enabled and not self.is_loopback and not self.token.get_secret_value():
+            raise ValueError(
+                f"the admin endpoint is bound to {self.bind_address}, which is not a loopback address, "
+                "so admin.token must be set; or bind it to 127.0.0.1"
+            )
+        return self
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the endpoint listens on a loopback address only."""
+        return ipaddress.ip_address(self.bind_address).is_loopback
+
+
+class RetentionSettings(_Section):
+    """The `[retention]` table: when received images and sent SRs are removed from the store."""
+
+    max_age_days: float = Field(default=0.0, ge=0)
+    check_interval_seconds: float = Field(default=3600.0, gt=0)
+
+
 class NodeConfig(_Section):
     """The whole configuration file."""
 
@@ -227,6 +290,8 @@ class NodeConfig(_Section):
     worker: WorkerSettings = WorkerSettings()
     report: ReportSettings = ReportSettings()
     logging: LoggingSettings = LoggingSettings()
+    admin: AdminSettings = AdminSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @model_validator(mode="after")
     def _check_unique_names(self) -> "NodeConfig":
@@ -261,6 +326,9 @@ def _describe_error(error: dict[str, Any]) -> str:
         return f"{location}: unknown key; check its spelling against config/node.toml"
     if error["type"] == "missing":
         return f"{location}: required key is missing"
+    if location.endswith("token") or location == "admin":
+        # The value is, or contains, a secret that must not reach logs or terminals.
+        return f"{location}: {message}"
     if isinstance(error.get("input"), dict):
         # A check across several keys of one table: the message names them.
         return f"{location}: {message}"
@@ -285,12 +353,12 @@ def parse_config(data: dict[str, Any], source: str = "configuration") -> NodeCon
 def load_config(path: Path | str) -> NodeConfig:
     """Read and validate a TOML configuration file.
 
-    A relative `data_dir` is taken relative to the folder that holds the file.
+    A relative `data_dir` is taken relative to the folder that contains the file.
 
     Raises
     ------
     ConfigError
-        When the file is missing, is not valid TOML, or holds an invalid value.
+        When the file is missing, is not valid TOML, or contains an invalid value.
     """
     path = Path(path)
     try:

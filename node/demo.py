@@ -195,6 +195,7 @@ def run_demo(workdir: Path = Path("var/demo"), input_dir: Path | None = None, ti
             ],
             "model": {"max_new_tokens": 48},
             "logging": {"format": "console"},
+            "admin": {"port": 0},
         },
         source="demo configuration",
     )
@@ -207,6 +208,8 @@ def run_demo(workdir: Path = Path("var/demo"), input_dir: Path | None = None, ti
 
     service = NodeService(config)
     service.start()
+    if service.admin is not None:
+        print(f"status page: http://127.0.0.1:{service.admin.port}/")
     try:
         studies = _demo_datasets(input_dir)
         for number, datasets in enumerate(studies, start=1):

@@ -226,10 +226,10 @@ def configure_logging(log_format: str = "json", level: str = "info", stream=None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
-    # pynetdicom logs every PDU at info level, apscheduler every run and highdicom every
-    # module it copies, so they log at warning unless the node logs at debug.
+    # pynetdicom logs every PDU at info level, apscheduler and alembic every run and highdicom
+    # every module it copies, so they log at warning unless the node logs at debug.
     library_level = logging.DEBUG if numeric_level <= logging.DEBUG else max(numeric_level, logging.WARNING)
-    for library in ("pynetdicom", "apscheduler", "highdicom"):
+    for library in ("pynetdicom", "apscheduler", "alembic", "highdicom"):
         logging.getLogger(library).setLevel(library_level)
     # pydicom's debug output lists element values once its config.debugging is on.
     logging.getLogger("pydicom").setLevel(max(numeric_level, logging.INFO))

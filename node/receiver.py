@@ -35,6 +35,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
 from sqlalchemy.exc import IntegrityError
 
 from node.config import CallerSettings, NodeConfig
@@ -43,6 +44,7 @@ from node.headers import InstanceHeader, UnreadableDatasetError, header_from_dat
 from node.index.records import find_instance, record_instance
 from node.index.session import IndexDatabase
 from node.log_config import bind_patient_identifiers, patient_hash, patient_identifiers_redacted
+from node.metrics import NodeMetrics
 from node.store import FileStore, InvalidUIDError, check_uid, sha256_file
 from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
@@ -109,6 +111,31 @@ class StoreRejected(Exception):
         self.reason = reason
 
 
+class LargeReadAssociationSocket(AssociationSocket):
+    """An association socket that reads each PDU with as few recv() calls as the kernel allows.
+
+    pynetdicom 3.0's `AssociationSocket.recv` calls `socket.recv` with at most 4096 bytes and
+    extends a bytearray after each call. For a 10 MB image that was most of the receiver's
+    system CPU time. This subclass reads into one preallocated buffer and returns the same bytes: all
+    `nr_bytes` of them, or fewer only when the peer closed the connection. Errors and timeouts
+    propagate from `socket.recv_into` as they do from `socket.recv`.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read `nr_bytes` bytes, blocking until they arrived or the connection closed."""
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = self.socket.recv_into(view[received:], nr_bytes - received)
+            if count == 0:
+                del view
+                del buffer[received:]
+                return buffer
+            received += count
+        return buffer
+
+
 def _check_caller(calling_ae_title: str, peer_host: str, callers: list[CallerSettings]) -> bool:
     if not callers:
         return True
@@ -130,7 +157,16 @@ class Receiver:
     hash_key
         The key of the patient hashes in log lines.
     on_instance_stored
-        Called after each successful C-STORE with the study UID (used by tests and metrics).
+        Called after each successful C-STORE with the Study Instance UID; the node schedules the
+        study's stability check with it.
+    metrics
+        Where received and rejected instances and associations are counted.
+
+    Notes
+    -----
+    `config` may be replaced at any time by a reloaded configuration (new callers). Each
+    handler reads the attribute once, so an association uses one configuration, and the
+    associations in progress are not dropped.
     """
 
     def __init__(
@@ -140,12 +176,14 @@ class Receiver:
         index: IndexDatabase,
         hash_key: bytes,
         on_instance_stored: Callable[[str], None] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.index = index
         self.hash_key = hash_key
         self.on_instance_stored = on_instance_stored
+        self.metrics = metrics or NodeMetrics()
         self._server = None
         self._previous_tempdir: str | None = None
         self._actor = f"receiver:{os.getpid()}"
@@ -185,15 +223,15 @@ class Receiver:
         tempfile.tempdir = str(self.store.incoming_dir)
         settings = self.config.node
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection_opened),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
-        if self._ssl_context is not None:
-            handlers.append((evt.EVT_CONN_OPEN, self._on_connection_opened))
         self._server = self._build_ae().start_server(
             (settings.bind_address, settings.port),
             block=False,
@@ -214,6 +252,11 @@ class Receiver:
         """The TCP port the listener is bound to."""
         return self._server.server_address[1] if self._server else self.config.node.port
 
+    @property
+    def is_listening(self) -> bool:
+        """Whether the listener socket is open (False before start and after stop)."""
+        return self._server is not None and self._server.socket.fileno() >= 0
+
     def stop(self) -> None:
         """Stop accepting associations and close the listener."""
         if self._server is not None:
@@ -223,27 +266,34 @@ class Receiver:
             log.info("receiver.stopped")
 
     def _on_connection_opened(self, event: evt.Event) -> None:
-        """Run the TLS handshake in the association's thread, before any DICOM message.
+        """Prepare a new connection before the association thread reads its first PDU.
 
-        A failed handshake closes the connection, so the association ends before it starts.
+        On a TLS listener this runs the handshake in the association's own thread. A failed
+        handshake closes the connection, so the association ends before it starts.
         """
         association_socket = event.assoc.dul.socket
-        context = {"peer_host": event.address[0], "peer_port": event.address[1]}
-        try:
-            session = complete_server_handshake(association_socket.socket, self.config.node.acse_timeout_seconds)
-        except TLSHandshakeError as exc:
-            log.warning("receiver.tls_handshake_failed", error=str(exc), **context)
-            association_socket.close()
-            return
-        log.info(
-            "receiver.tls_established",
-            tls_version=session.tls_version,
-            cipher=session.cipher,
-            peer_certificate_subject=session.peer_certificate_subject,
-            **context,
-        )
+        if self._ssl_context is not None:
+            context = {"peer_host": event.address[0], "peer_port": event.address[1]}
+            try:
+                session = complete_server_handshake(association_socket.socket, self.config.node.acse_timeout_seconds)
+            except TLSHandshakeError as exc:
+                log.warning("receiver.tls_handshake_failed", error=str(exc), **context)
+                association_socket.close()
+                return
+            log.info(
+                "receiver.tls_established",
+                tls_version=session.tls_version,
+                cipher=session.cipher,
+                peer_certificate_subject=session.peer_certificate_subject,
+                **context,
+            )
+        # pynetdicom triggers this event after the socket is attached and before the
+        # association thread reads the first PDU.
+        if type(association_socket) is AssociationSocket:
+            association_socket.__class__ = LargeReadAssociationSocket
 
     def _on_requested(self, event: evt.Event) -> None:
+        config = self.config
         assoc = event.assoc
         calling_ae_title = assoc.requestor.primitive.calling_ae_title.strip()
         called_ae_title = assoc.requestor.primitive.called_ae_title.strip()
@@ -254,18 +304,21 @@ class Receiver:
             "peer_host": peer_host,
             "peer_port": assoc.requestor.port,
         }
-        if called_ae_title != self.config.node.ae_title:
-            reason = f"called AE title is not the node's own ({self.config.node.ae_title})"
+        if called_ae_title != config.node.ae_title:
+            reason = f"called AE title is not the node's own ({config.node.ae_title})"
             rejection = REJECT_CALLED_AE_NOT_RECOGNIZED
-        elif not _check_caller(calling_ae_title, peer_host, self.config.callers):
+            metric_reason = "called_ae_title_not_recognized"
+        elif not _check_caller(calling_ae_title, peer_host, config.callers):
             reason = (
                 f"calling AE title {calling_ae_title!r} from {peer_host} is not allowed; "
                 f"add a [[callers]] entry for it"
             )
             rejection = REJECT_CALLING_AE_NOT_RECOGNIZED
+            metric_reason = "calling_ae_title_not_recognized"
         else:
             return
         log.warning("receiver.association_rejected", reason=reason, **context)
+        self.metrics.associations_rejected.labels(reason=metric_reason).inc()
         assoc.acse.send_reject(*rejection)
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -276,11 +329,11 @@ class Receiver:
             "peer_port": assoc.requestor.port,
         }
         log.info("receiver.association_accepted", **context)
-        for presentation_context in assoc.rejected_contexts:
+        rejected_sop_class_uids = sorted({str(item.abstract_syntax) for item in assoc.rejected_contexts})
+        if rejected_sop_class_uids:
             log.warning(
-                "receiver.presentation_context_rejected",
-                sop_class_uid=str(presentation_context.abstract_syntax),
-                transfer_syntaxes=[str(syntax) for syntax in presentation_context.transfer_syntax],
+                "receiver.presentation_contexts_rejected",
+                rejected_sop_class_uids=rejected_sop_class_uids,
                 reason="SOP class or transfer syntax not stored by the node",
                 **context,
             )
@@ -294,6 +347,7 @@ class Receiver:
             calling_ae_title=primitive.calling_ae_title.strip() if primitive else "",
             peer_host=event.assoc.requestor.address,
         )
+        self.metrics.associations_rejected.labels(reason="local_limit_exceeded").inc()
 
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning(
@@ -301,6 +355,10 @@ class Receiver:
             calling_ae_title=event.assoc.requestor.ae_title.strip(),
             peer_host=event.assoc.requestor.address,
         )
+        _discard_partial_dataset(event.assoc)
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        _discard_partial_dataset(event.assoc)
 
     # -- services --------------------------------------------------------------------------
 
@@ -317,7 +375,7 @@ class Receiver:
         return DimseStatus.SUCCESS
 
     def _on_c_store(self, event: evt.Event) -> int | Dataset:
-        """Handle a C-STORE request: check, write durably, index, then answer.
+        """Handle a C-STORE request: check, write durably, index, then return the status.
 
         Statuses returned (PS3.4 B.2.3, PS3.7 C):
 
@@ -353,6 +411,7 @@ class Receiver:
                 return DimseStatus.SUCCESS
             if outcome.status != DimseStatus.PROCESSING_FAILURE:
                 log.warning("receiver.instance_rejected", reason=outcome.reason, **log_context, **status_context)
+            self.metrics.instances_rejected.labels(reason=status_name(outcome.status)).inc()
             return _status_with_comment(outcome.status, outcome.reason)
 
     def _store(self, event: evt.Event, calling_ae_title: str) -> StoreOutcome:
@@ -380,17 +439,14 @@ class Receiver:
         except InvalidUIDError as exc:
             raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
 
-        with self.index.transaction() as session:
-            existing = find_instance(session, header.sop_instance_uid)
-            existing_path = existing.file_path if existing is not None else None
-        if existing_path is not None:
-            return self._store_duplicate(temporary_path, Path(existing_path), header)
-
+        # The file is committed before the index is queried for the SOP Instance UID, so the
+        # common case costs one index transaction. A copy at the same path fails the exclusive
+        # link below, and a copy indexed under other UIDs fails the unique index.
         file_size = temporary_path.stat().st_size
         try:
             final_path = self.store.commit_file(temporary_path, relative_path)
         except FileExistsError:
-            # Another association stored the same instance a moment ago.
+            # The instance is stored already, or another association stored it a moment ago.
             return self._store_duplicate(temporary_path, relative_path, header)
 
         hashed_patient = patient_hash(self.hash_key, header.patient_id, header.issuer_of_patient_id)
@@ -407,11 +463,12 @@ class Receiver:
                     actor=self._actor,
                 )
         except IntegrityError:
-            # A concurrent association indexed this SOP Instance UID first; its file is ours.
-            self.store.remove(relative_path)
-            raise StoreRejected(
-                DimseStatus.PROCESSING_FAILURE, "the same instance was being stored concurrently; retry"
-            ) from None
+            # The SOP Instance UID is indexed already: under other Study or Series Instance
+            # UIDs, so this copy landed at a new path, or by a concurrent association.
+            try:
+                return self._store_indexed_elsewhere(final_path, relative_path, header)
+            finally:
+                self.store.remove(relative_path)
         except BaseException:
             final_path.unlink(missing_ok=True)
             raise
@@ -427,6 +484,7 @@ class Receiver:
             patient_hash=hashed_patient,
             file_size=file_size,
         )
+        self.metrics.instances_received.inc()
         if self.on_instance_stored is not None:
             self.on_instance_stored(header.study_instance_uid)
         return StoreOutcome(DimseStatus.SUCCESS)
@@ -460,6 +518,14 @@ class Receiver:
                 f"Secondary Capture is stored only with Modality CR or DX, not {header.modality or 'empty'}",
             )
 
+    def _store_indexed_elsewhere(self, new_path: Path, relative_path: Path, header: InstanceHeader) -> StoreOutcome:
+        with self.index.transaction() as session:
+            existing = find_instance(session, header.sop_instance_uid)
+            existing_path = Path(existing.file_path) if existing is not None else None
+        if existing_path is None or existing_path == relative_path:
+            raise StoreRejected(DimseStatus.PROCESSING_FAILURE, "the same instance was being stored concurrently; retry")
+        return self._store_duplicate(new_path, existing_path, header)
+
     def _store_duplicate(self, temporary_path: Path, existing_relative_path: Path, header: InstanceHeader) -> StoreOutcome:
         existing_path = self.store.absolute(existing_relative_path)
         same_content = existing_path.exists() and sha256_file(existing_path) == sha256_file(temporary_path)
@@ -470,6 +536,27 @@ class Receiver:
             DimseStatus.DUPLICATE_SOP_INSTANCE,
             "an instance with this SOP Instance UID and different content is stored; the first copy is kept",
         )
+
+
+def _discard_partial_dataset(assoc) -> None:
+    """Delete the temporary file of a C-STORE data set that was cut off by an abort or a lost connection.
+
+    pynetdicom keeps the message being received on `assoc.dimse.message`; a complete message
+    has already been handed to the C-STORE handler and taken off it.
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial_file = getattr(message, "_data_set_file", None)
+    if partial_file is None:
+        return
+    partial_file.close()
+    Path(partial_file.name).unlink(missing_ok=True)
+    message._data_set_file = None
+    log.warning(
+        "receiver.partial_dataset_discarded",
+        sop_instance_uid=str(getattr(message.command_set, "AffectedSOPInstanceUID", "") or ""),
+        calling_ae_title=assoc.requestor.ae_title.strip(),
+        peer_host=assoc.requestor.address,
+    )
 
 
 def _status_with_comment(status: DimseStatus, reason: str) -> Dataset:

@@ -1,7 +1,7 @@
 """Sender: delivers outbox entries (one SR to one destination) with C-STORE, retrying with backoff.
 
-An entry is marked sent only after the destination answered the C-STORE with a success or
-warning status. A refused association, a lost connection or a failure status schedules a
+An entry is marked sent only after the destination returned a success or warning status
+for the C-STORE. A refused association, a lost connection or a failure status schedules a
 retry after an exponentially growing wait; after `max_attempts` the entry is marked failed
 with the last status and stays visible. Entries are claimed under a lease (SKIP LOCKED on
 PostgreSQL), so two senders never send one entry at the same time.
@@ -10,9 +10,8 @@ PostgreSQL), so two senders never send one entry at the same time.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +32,12 @@ from sqlalchemy.orm import Session
 from node.config import DestinationSettings, NodeConfig
 from node.dimse_status import status_category, status_name
 from node.index.models import OutboxEntry, OutboxState, StructuredReport, StudyState, utc_now
+from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
 from node.log_config import bind_patient_identifiers, patient_identifiers_redacted
+from node.metrics import NodeMetrics
 from node.store import FileStore
-from node.tls import destination_context
+from node.tls import TLSConfigError, destination_context
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +67,13 @@ def send_file(destination: DestinationSettings, path: Path, calling_ae_title: st
     ae.connection_timeout = destination.timeout_seconds
     for sop_class in SR_STORAGE_SOP_CLASSES:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    tls_context = destination_context(destination) if destination.tls else None
+    tls_context = None
+    if destination.tls:
+        try:
+            tls_context = destination_context(destination)
+        except TLSConfigError as exc:
+            # Possible after a configuration reload; the start-up check covers the first load.
+            return SendResult(False, None, f"TLS configuration invalid: {exc}")
     tls_args = (tls_context, destination.tls_server_hostname or destination.host) if tls_context else None
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
@@ -109,15 +116,26 @@ def echo(host: str, port: int, called_ae_title: str, calling_ae_title: str, time
 
 
 class Sender:
-    """A thread that delivers due outbox entries."""
+    """A thread that delivers due outbox entries.
 
-    def __init__(self, config: NodeConfig, index: IndexDatabase, store: FileStore, poll_seconds: float = 0.5) -> None:
+    `config` may be replaced at any time by a reloaded configuration with new destinations.
+    Each send reads it once, so a send in progress finishes with the settings it started with.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: IndexDatabase,
+        store: FileStore,
+        poll_seconds: float = 0.5,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.store = store
         self.poll_seconds = poll_seconds
-        self.sender_id = f"sender:{socket.gethostname()}:{os.getpid()}"
-        self._destinations = {destination.name: destination for destination in config.destinations}
+        self.metrics = metrics or NodeMetrics()
+        self.sender_id = lease_owner_name("sender")
         for destination in config.destinations:
             if destination.tls:
                 # Built once here so that a missing or invalid file stops the node at start.
@@ -128,15 +146,48 @@ class Sender:
 
     def start(self) -> None:
         """Start delivering in a background thread."""
+        self.release_dead_claims()
         self._thread = threading.Thread(target=self._run, name="libra-sender", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_seconds: float = 60.0) -> None:
-        """Stop after the send in hand and wait for the thread."""
+        """Stop after the send in hand and wait for the thread.
+
+        An entry still being sent after `timeout_seconds` is made pending again, so that no
+        row stays claimed by a process that is exiting.
+        """
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
+            if self._thread.is_alive():
+                self._release(lambda owner: owner == self.sender_id, "sender stopping; entry released")
+
+    def release_dead_claims(self) -> int:
+        """Make the entries of crashed senders on this host due again without waiting for their leases."""
+        return self._release(lambda owner: is_dead_local_owner(owner, "sender"), "lease owner is no longer running")
+
+    def _release(self, owner_matches, reason: str) -> int:
+        with self.index.transaction() as session:
+            sending = session.scalars(select(OutboxEntry).where(OutboxEntry.state == OutboxState.SENDING)).all()
+            released = [entry for entry in sending if owner_matches(entry.lease_owner)]
+            for entry in released:
+                record_audit(
+                    session,
+                    entity="outbox",
+                    entity_id=entry.id,
+                    from_state=OutboxState.SENDING.value,
+                    to_state=OutboxState.PENDING.value,
+                    actor=self.sender_id,
+                    reason=f"{reason} ({entry.lease_owner})",
+                    study_instance_uid=entry.structured_report.study.study_instance_uid,
+                )
+                log.warning("sender.entry_released", outbox_id=entry.id, destination=entry.destination, reason=reason)
+                entry.state = OutboxState.PENDING
+                entry.lease_owner = ""
+                entry.lease_expires_at = None
+                entry.next_attempt_at = utc_now()
+            return len(released)
 
     def wake(self) -> None:
         """Look for due entries now instead of at the next poll."""
@@ -159,7 +210,8 @@ class Sender:
         if claimed is None:
             return False
         entry_id, destination_name, file_path, sr_sop_instance_uid, attempt = claimed
-        destination = self._destinations.get(destination_name)
+        config = self.config
+        destination = next((item for item in config.destinations if item.name == destination_name), None)
         context = {
             "outbox_id": entry_id,
             "destination": destination_name,
@@ -172,12 +224,16 @@ class Sender:
             return True
         path = self.store.absolute(file_path)
         with patient_identifiers_redacted():
+            started = time.monotonic()
             try:
                 bind_patient_identifiers(pydicom.dcmread(path, stop_before_pixels=True))
             except (InvalidDicomError, OSError) as exc:
                 result = SendResult(False, None, f"SR file {file_path} cannot be read: {exc}")
             else:
-                result = send_file(destination, path, self.config.node.ae_title)
+                result = send_file(destination, path, config.node.ae_title)
+            self.metrics.send_seconds.labels(
+                destination=destination_name, outcome="sent" if result.delivered else "failed"
+            ).observe(time.monotonic() - started)
             final = not result.delivered and attempt >= destination.max_attempts
             self._record_result(entry_id, result, final=final, context=context, destination=destination)
         return True
@@ -199,11 +255,21 @@ class Sender:
             entry = session.scalars(query).first()
             if entry is None:
                 return None
+            report = entry.structured_report
+            record_audit(
+                session,
+                entity="outbox",
+                entity_id=entry.id,
+                from_state=entry.state.value,
+                to_state=OutboxState.SENDING.value,
+                actor=self.sender_id,
+                reason=f"attempt {entry.attempts + 1}" + ("; lease expired, reclaimed" if entry.state == OutboxState.SENDING else ""),
+                study_instance_uid=report.study.study_instance_uid,
+            )
             entry.state = OutboxState.SENDING
             entry.lease_owner = self.sender_id
             entry.lease_expires_at = now + dt.timedelta(seconds=_SEND_LEASE_SECONDS)
             entry.attempts += 1
-            report = entry.structured_report
             return entry.id, entry.destination, report.file_path, report.sop_instance_uid, entry.attempts
 
     def _record_result(self, entry_id: int, result: SendResult, *, final: bool, context: dict, destination=None) -> None:
@@ -254,6 +320,8 @@ class Sender:
             log.error("sender.send_failed", error=result.error, **context)
         else:
             log.warning("sender.retry_scheduled", error=result.error, retry_at=entry.next_attempt_at.isoformat(), **context)
+        if study_outcome is not None:
+            self.metrics.study_outcomes.labels(outcome=study_outcome.value).inc()
         if study_outcome == StudyState.SENT:
             log.info("study.report_sent", study_instance_uid=study.study_instance_uid, sr_sop_instance_uid=report.sop_instance_uid)
         elif study_outcome == StudyState.FAILED:

@@ -9,7 +9,10 @@ study into a job when several receivers share the index.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import threading
+from collections.abc import Callable
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -19,6 +22,7 @@ from sqlalchemy.orm import Session
 from node.config import NodeConfig
 from node.index.models import Instance, JobState, ReportJob, Series, Study, StudyState, utc_now
 from node.index.session import IndexDatabase, record_audit
+from node.metrics import NodeMetrics
 from node.routing import RoutedImage, route_study
 
 log = structlog.get_logger(__name__)
@@ -28,7 +32,9 @@ _BATCH_SIZE = 50
 
 def _routed_images(session: Session, study: Study) -> list[RoutedImage]:
     rows = session.execute(
-        select(Instance, Series).join(Series, Instance.series_fk == Series.id).where(Series.study_fk == study.id)
+        select(Instance, Series)
+        .join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id, Instance.removed_at.is_(None))
     ).all()
     return [
         RoutedImage(
@@ -48,13 +54,34 @@ def _routed_images(session: Session, study: Study) -> list[RoutedImage]:
 
 
 class StabilityTimer:
-    """Turns studies whose stable deadline has passed into report jobs or skipped studies."""
+    """Turns studies whose stable deadline has passed into report jobs or skipped studies.
 
-    def __init__(self, config: NodeConfig, index: IndexDatabase) -> None:
+    Parameters
+    ----------
+    config, index
+        The node configuration and index.
+    metrics
+        Where study outcomes are counted.
+    on_jobs_queued
+        Called after a check committed at least one new report job, so that a worker in the
+        same process starts it without waiting for its next poll.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: IndexDatabase,
+        metrics: NodeMetrics | None = None,
+        on_jobs_queued: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.index = index
+        self.metrics = metrics or NodeMetrics()
+        self.on_jobs_queued = on_jobs_queued
         self._actor = f"stability:{os.getpid()}"
         self._scheduler: BackgroundScheduler | None = None
+        # The periodic check and the deadline checks run in scheduler threads; one at a time.
+        self._check_lock = threading.Lock()
 
     def start(self) -> None:
         """Check deadlines now and then every `stability_check_seconds` in a background thread."""
@@ -70,6 +97,29 @@ class StabilityTimer:
         )
         self._scheduler.start()
 
+    def notify_instance_stored(self, study_instance_uid: str) -> None:
+        """Schedule a check for the moment the study's new deadline passes.
+
+        The receiver calls this after each committed instance. The periodic check still runs,
+        and finds the deadlines of other processes' instances and of studies received before
+        a restart.
+        """
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        run_date = utc_now() + dt.timedelta(seconds=self.config.node.study_stable_seconds)
+        try:
+            scheduler.add_job(
+                self.process_stable_studies,
+                "date",
+                run_date=run_date,
+                id=f"study-stable-deadline-{study_instance_uid}",
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
+        except Exception as exc:  # noqa: BLE001 - the instance is stored; the periodic check finds the deadline
+            log.warning("stability.deadline_check_not_scheduled", study_instance_uid=study_instance_uid, exc_info=exc)
+
     def stop(self) -> None:
         """Stop the scheduler, waiting for a running check to finish."""
         if self._scheduler is not None:
@@ -79,17 +129,23 @@ class StabilityTimer:
     def process_stable_studies(self) -> int:
         """Route every study whose deadline has passed; return how many were processed."""
         processed = 0
+        queued = 0
         try:
-            while True:
-                batch = self._process_batch()
-                processed += batch
-                if batch < _BATCH_SIZE:
-                    return processed
+            with self._check_lock:
+                while True:
+                    batch, batch_queued = self._process_batch()
+                    processed += batch
+                    queued += batch_queued
+                    if batch < _BATCH_SIZE:
+                        break
         except Exception as exc:  # noqa: BLE001 - the scheduler must keep running; logged
             log.error("stability.check_failed", exc_info=exc)
-            return processed
+        if queued and self.on_jobs_queued is not None:
+            self.on_jobs_queued()
+        return processed
 
-    def _process_batch(self) -> int:
+    def _process_batch(self) -> tuple[int, int]:
+        """Route one batch of stable studies in one transaction; return (studies routed, jobs queued)."""
         with self.index.transaction() as session:
             query = (
                 select(Study)
@@ -100,11 +156,11 @@ class StabilityTimer:
             if not self.index.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
             studies = session.scalars(query).all()
-            for study in studies:
-                self._route(session, study)
-            return len(studies)
+            queued = sum(self._route(session, study) for study in studies)
+        return len(studies), queued
 
-    def _route(self, session: Session, study: Study) -> None:
+    def _route(self, session: Session, study: Study) -> bool:
+        """Route one study; return True when it was queued for a report."""
         decision = route_study(_routed_images(session, study), study.study_description, self.config.routing)
         previous_state = study.state.value
         study.stable_deadline = None
@@ -123,7 +179,8 @@ class StabilityTimer:
                 study_instance_uid=study.study_instance_uid,
             )
             log.info("study.skipped", reason=decision.reason, **context)
-            return
+            self.metrics.study_outcomes.labels(outcome="skipped").inc()
+            return False
 
         study.frontal_sop_instance_uid = decision.frontal_sop_instance_uid
         study.frontal_reason = decision.frontal_reason
@@ -162,3 +219,4 @@ class StabilityTimer:
             frontal_reason=decision.frontal_reason,
             **context,
         )
+        return True

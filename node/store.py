@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import structlog
@@ -84,7 +85,7 @@ def sha256_file(path: Path) -> str:
 
 
 class FileStore:
-    """The folder that holds received instances and written SRs.
+    """The folder that contains received instances and written SRs.
 
     Parameters
     ----------
@@ -158,6 +159,26 @@ class FileStore:
             (self.root / relative_path).unlink()
         except FileNotFoundError:
             pass
+
+    def remove_stale_incoming(self, max_age_seconds: float) -> int:
+        """Delete this process's temporary files not written to for `max_age_seconds`.
+
+        A file that is still being received is written to at least once per network
+        timeout, so a file older than that belongs to an association that is gone.
+        Returns the number of files removed.
+        """
+        removed = 0
+        cutoff = time.time() - max_age_seconds
+        for path in self.incoming_dir.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.warning("store.stale_incoming_removed", removed_files=removed)
+        return removed
 
     def clean_incoming(self) -> int:
         """Delete the incoming folders of this host's processes that no longer run.

@@ -2,7 +2,7 @@
 # Install libra-node and its DICOM peers on a Debian machine.
 #
 #   bash scripts/install.sh          node, CPU PyTorch, dcmtk and Orthanc (for the demo)
-#   bash scripts/install.sh --test   the same plus dicom3tools and the test extras
+#   bash scripts/install.sh --test   the same plus dicom3tools, Chromium and the test extras
 #
 # Python packages go into .venv in the repository root. Debian packages need root.
 set -euo pipefail
@@ -12,7 +12,8 @@ with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 
 debian_packages=(dcmtk orthanc)
-[ "$with_tests" = 1 ] && debian_packages+=(dicom3tools)
+# chromium and chromium-driver run the status page test in a headless browser.
+[ "$with_tests" = 1 ] && debian_packages+=(dicom3tools chromium chromium-driver)
 
 missing=()
 for package in "${debian_packages[@]}"; do

@@ -6,13 +6,17 @@ fixture that started it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import uuid
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +175,99 @@ def dciodvfy_errors(path: Path) -> list[str]:
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+# The PostgreSQL server the tests use; CI starts it (.ci/run) and each test gets its own database.
+POSTGRES_ADMIN_URL = os.environ.get("LIBRA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """Create an empty PostgreSQL database at the current schema, yield its SQLAlchemy URL, drop it.
+
+    Fails the calling test when the server is not reachable, so that a missing PostgreSQL
+    never turns into silently skipped scale-out coverage.
+    """
+    import psycopg
+
+    from node.index.session import IndexDatabase
+
+    name = f"libra_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise RuntimeError(
+            f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: start it, or set LIBRA_TEST_POSTGRES"
+        ) from exc
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base_url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base_url}/{name}"
+    index = IndexDatabase(url)
+    index.upgrade_schema()
+    index.dispose()
+    try:
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class SlowProxy:
+    """A TCP proxy on loopback that forwards client-to-server bytes at a limited rate.
+
+    It makes a large C-STORE take seconds, so that a test can kill or abort it mid-transfer.
+    """
+
+    def __init__(self, target_port: int, bytes_per_second: int = 2 * 1024 * 1024) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.bytes_per_second = bytes_per_second
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
+        chunk_size = 64 * 1024
+        try:
+            while data := source.recv(chunk_size):
+                sink.sendall(data)
+                if throttled:
+                    time.sleep(len(data) / self.bytes_per_second)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        """Close the listener and every forwarded connection."""
+        self._stopped.set()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass

@@ -165,6 +165,8 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    # Set when retention deleted the file; the row stays for the study's history.
+    removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -204,6 +206,8 @@ class StructuredReport(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    # Set when retention deleted the file after every destination received it.
+    removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
     study: Mapped[Study] = relationship()
     outbox_entries: Mapped[list[OutboxEntry]] = relationship(back_populates="structured_report")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 
+import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.headers import InstanceHeader
 from node.index.models import Instance, Patient, Series, Study, StudyState, utc_now
 from node.index.session import record_audit
+
+log = structlog.get_logger(__name__)
 
 # A study in one of these states gets a new report when a late instance arrives.
 _REOPENED_STATES = {StudyState.REPORTED, StudyState.SENT, StudyState.FAILED, StudyState.SKIPPED}
@@ -28,6 +31,20 @@ def _get_or_create_patient(session: Session, header: InstanceHeader, patient_has
         )
     ).first()
     if patient is None:
+        other_issuers = session.scalars(
+            select(Patient.patient_hash).where(
+                Patient.patient_id == header.patient_id,
+                Patient.issuer_of_patient_id != header.issuer_of_patient_id,
+            )
+        ).all()
+        if other_issuers:
+            # Same Patient ID from another issuer: kept as a different patient, never one prior chain.
+            log.warning(
+                "index.patient_id_clash",
+                patient_hash=patient_hash,
+                other_patient_hashes=list(other_issuers),
+                study_instance_uid=header.study_instance_uid,
+            )
         patient = Patient(
             patient_id=header.patient_id,
             issuer_of_patient_id=header.issuer_of_patient_id,
@@ -98,6 +115,16 @@ def record_instance(
     elif study.state in (StudyState.QUEUED, StudyState.RUNNING):
         # The job in hand reports on what has arrived so far; this instance leads to a
         # new version once the study is stable again.
+        record_audit(
+            session,
+            entity="study",
+            entity_id=study.id,
+            from_state=study.state.value,
+            to_state=StudyState.RECEIVING.value,
+            actor=actor,
+            reason=f"instance {header.sop_instance_uid} arrived while the report was {study.state.value}",
+            study_instance_uid=study.study_instance_uid,
+        )
         study.state = StudyState.RECEIVING
 
     series = session.scalars(

@@ -1,4 +1,4 @@
-"""Tests of ReportGenerator: report fields, greedy determinism, prior handling, feature cache and stopping."""
+"""Tests of ReportGenerator: report fields, greedy determinism, prior handling, feature cache, batching and stopping."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from libra_model.prompts import DEFAULT_QUESTION, tokenize_prompt
-from libra_model.report_generator import GeneratedReport, ReportGenerator
+from libra_model.prompts import DEFAULT_QUESTION, build_question, tokenize_prompt
+from libra_model.report_generator import GeneratedReport, ReportGenerator, ReportRequest
 from libra_model.tokenization_libra import TokenizerFilesNotFoundError
 from tests.libra_model.sample_images import make_radiograph
 
@@ -26,14 +26,14 @@ def generator(tiny_checkpoint) -> ReportGenerator:
 
 
 class TowerCallCounter:
-    """Count forward calls of the vision tower."""
+    """Count the images that the vision tower encodes (several may share one forward call)."""
 
     def __init__(self, generator: ReportGenerator) -> None:
         self.calls = 0
         generator.model.get_vision_tower().register_forward_hook(self._count)
 
     def _count(self, module, inputs, output) -> None:
-        self.calls += 1
+        self.calls += inputs[0].shape[0]
 
 
 def make_dicom_radiograph(seed: int) -> pydicom.Dataset:
@@ -221,3 +221,101 @@ def test_missing_tokenizer_raises_before_weights(tiny_checkpoint_copy):
 def test_explicit_conv_mode_is_used(tiny_checkpoint):
     generator = ReportGenerator.from_pretrained(tiny_checkpoint, conv_mode="libra_llama_3")
     assert generator.generate(make_radiograph(1), max_new_tokens=1).conv_mode == "libra_llama_3"
+
+
+BATCH_REQUESTS = [
+    {"current": 1, "prior": 2, "current_key": "1.2.9.1", "prior_key": "1.2.9.2", "indication": None},
+    {"current": 3, "prior": None, "current_key": "1.2.9.3", "prior_key": None, "indication": "cough"},
+    {"current": 4, "prior": 5, "current_key": None, "prior_key": None, "indication": "fever and shortness of breath for three days"},
+]
+
+
+def _request(entry: dict) -> ReportRequest:
+    return ReportRequest(
+        current=make_radiograph(entry["current"]),
+        prior=make_radiograph(entry["prior"]) if entry["prior"] is not None else None,
+        current_key=entry["current_key"],
+        prior_key=entry["prior_key"],
+        indication=entry["indication"],
+    )
+
+
+def test_generate_batch_matches_one_by_one(tiny_checkpoint):
+    batched = ReportGenerator.from_pretrained(tiny_checkpoint).generate_batch(
+        [_request(entry) for entry in BATCH_REQUESTS], max_new_tokens=12
+    )
+    single_generator = ReportGenerator.from_pretrained(tiny_checkpoint)
+    singles = [single_generator.generate_batch([_request(entry)], max_new_tokens=12)[0] for entry in BATCH_REQUESTS]
+    for batch_report, single_report in zip(batched, singles):
+        assert batch_report.findings_text == single_report.findings_text
+        assert batch_report.generated_tokens == single_report.generated_tokens
+        assert batch_report.prompt_tokens == single_report.prompt_tokens
+        assert batch_report.used_real_prior == single_report.used_real_prior
+        assert batch_report.batch_size == 3
+        assert single_report.batch_size == 1
+
+
+def test_generate_batch_prompts_differ_in_length(generator):
+    lengths = {
+        len(tokenize_prompt(generator.template.render(build_question(entry["indication"])), generator.tokenizer))
+        for entry in BATCH_REQUESTS
+    }
+    assert len(lengths) == 3
+
+
+def test_generate_batch_stops_each_report_at_eos(generator):
+    eos_token_id = generator.tokenizer.eos_token_id
+    calls = 0
+
+    def force_eos_in_first_row(module, inputs, logits):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            logits = logits.clone()
+            logits[0, -1, eos_token_id] = 1e4
+            return logits
+        return None
+
+    generator.model.lm_head.register_forward_hook(force_eos_in_first_row)
+    reports = generator.generate_batch([_request(entry) for entry in BATCH_REQUESTS[:2]], max_new_tokens=8)
+    assert reports[0].generated_tokens == 2
+    assert reports[1].generated_tokens > 2
+
+
+def test_generate_batch_encodes_shared_prior_once(generator):
+    counter = TowerCallCounter(generator)
+    requests = [
+        ReportRequest(make_radiograph(1), make_radiograph(9), current_key="1.2.8.1", prior_key="1.2.8.9"),
+        ReportRequest(make_radiograph(2), make_radiograph(9), current_key="1.2.8.2", prior_key="1.2.8.9"),
+    ]
+    generator.generate_batch(requests, max_new_tokens=2)
+    assert counter.calls == 3
+
+
+def test_generate_batch_rejects_empty_list(generator):
+    with pytest.raises(ValueError, match="got no requests"):
+        generator.generate_batch([])
+
+
+def test_feature_cache_folder_outlives_generator(tiny_checkpoint, tmp_path):
+    first = ReportGenerator.from_pretrained(tiny_checkpoint, feature_cache_dir=tmp_path)
+    first.generate(make_radiograph(2), max_new_tokens=2, current_key="1.2.7.2")
+    expected = first.generate(make_radiograph(1), make_radiograph(2), max_new_tokens=MAX_NEW_TOKENS)
+
+    second = ReportGenerator.from_pretrained(tiny_checkpoint, feature_cache_dir=tmp_path)
+    counter = TowerCallCounter(second)
+    report = second.generate(make_radiograph(1), make_radiograph(2), max_new_tokens=MAX_NEW_TOKENS, prior_key="1.2.7.2")
+    assert counter.calls == 1
+    assert report.findings_text == expected.findings_text
+
+
+def test_feature_cache_folder_is_per_conversion(tiny_checkpoint, tmp_path):
+    mimic = ReportGenerator.from_pretrained(tiny_checkpoint, feature_cache_dir=tmp_path, dicom_conversion="mimic")
+    released = ReportGenerator.from_pretrained(tiny_checkpoint, feature_cache_dir=tmp_path, dicom_conversion="released")
+    assert mimic.feature_cache.folder != released.feature_cache.folder
+    assert mimic.feature_cache.folder.parent == tmp_path
+
+
+def test_batch_capacity_stays_within_limits(generator):
+    assert generator.batch_capacity(1, max_new_tokens=64) == 1
+    assert 1 <= generator.batch_capacity(8, max_new_tokens=64) <= 8

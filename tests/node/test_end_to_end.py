@@ -184,3 +184,20 @@ def test_demo_command_exits_zero(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "SR received by the PACS" in result.stdout
+
+
+def test_late_instance_gives_re_report_naming_first_sr(make_node, orthanc, tmp_path):
+    node = make_node(destinations=[orthanc_destination(orthanc)])
+    assert dcmsend(node.receiver.port, CHEST_PA_J2K).returncode == 0
+    first_sr = _sr_datasets(orthanc, 1)[0]
+
+    assert dcmsend(node.receiver.port, CHEST_PA_JPEGLS).returncode == 0
+    srs = {str(sr.SOPInstanceUID): sr for sr in _sr_datasets(orthanc, 2)}
+    second_sr = next(sr for uid, sr in srs.items() if uid != str(first_sr.SOPInstanceUID))
+    predecessor = second_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    assert second_sr.StudyInstanceUID == first_sr.StudyInstanceUID
+    assert len(_evidence_uids(second_sr, "CurrentRequestedProcedureEvidenceSequence")) == 2
+    path = tmp_path / "re-report.dcm"
+    second_sr.save_as(path)
+    assert dciodvfy_errors(path) == []

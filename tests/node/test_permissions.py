@@ -20,6 +20,12 @@ from tests.peers import CHEST_PA_JPEG_BASELINE
 OWNER_ONLY_BITS = stat.S_IRWXG | stat.S_IRWXO
 
 
+
+@pytest.fixture
+def database_url():
+    """The index files checked here are SQLite's, so these nodes run on SQLite only."""
+    return ""
+
 @pytest.fixture
 def permissive_umask():
     """Run the test with umask 000 and restore the previous umask afterwards."""

@@ -125,6 +125,9 @@ max_new_tokens = 16
 [worker]
 poll_seconds = 0.2
 
+[admin]
+port = 0
+
 [logging]
 format = "json"
 level = "debug"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import socket
 import subprocess
+import threading
 
 import pydicom
 import pytest
@@ -14,6 +16,7 @@ from structlog.testing import capture_logs
 
 from node.dimse_status import DimseStatus
 from node.index.models import Instance
+from node.receiver import LargeReadAssociationSocket
 from tests.node.conftest import MODALITY_AE_TITLE, NODE_AE_TITLE, dcmsend
 from tests.peers import CHEST_CT, CHEST_PA_JPEG_BASELINE
 
@@ -104,6 +107,61 @@ def test_c_store_different_duplicate_keeps_first(receiving_node, chest):
     assert pydicom.dcmread(stored[0]).SeriesDescription == chest.SeriesDescription
 
 
+def test_c_store_same_uid_other_study_keeps_first(receiving_node, chest):
+    assert _store(receiving_node.receiver.port, chest) == DimseStatus.SUCCESS
+    moved = copy.deepcopy(chest)
+    moved.StudyInstanceUID = generate_uid()
+    assert _store(receiving_node.receiver.port, moved) == DimseStatus.DUPLICATE_SOP_INSTANCE
+    assert _instance_count(receiving_node) == 1
+    stored = _store_files(receiving_node)
+    assert len(stored) == 1
+    assert pydicom.dcmread(stored[0]).StudyInstanceUID == chest.StudyInstanceUID
+
+
+def test_accepted_association_uses_large_read_socket(receiving_node):
+    ae = AE(ae_title=MODALITY_AE_TITLE)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", receiving_node.receiver.port, ae_title=NODE_AE_TITLE)
+    assert assoc.is_established
+    try:
+        accepted = receiving_node.receiver._server.active_associations
+        assert [type(association.dul.socket) for association in accepted] == [LargeReadAssociationSocket]
+    finally:
+        assoc.release()
+
+
+def _reader_over(connection: socket.socket) -> LargeReadAssociationSocket:
+    reader = LargeReadAssociationSocket.__new__(LargeReadAssociationSocket)
+    reader.socket = connection
+    return reader
+
+
+def test_large_read_socket_joins_partial_sends():
+    receiving, sending = socket.socketpair()
+    payload = bytes(range(256)) * 1000
+    chunks = [payload[start : start + 7000] for start in range(0, len(payload), 7000)]
+    sender = threading.Thread(target=lambda: [sending.sendall(chunk) for chunk in chunks])
+    sender.start()
+    try:
+        assert _reader_over(receiving).recv(len(payload)) == payload
+    finally:
+        sender.join()
+        receiving.close()
+        sending.close()
+
+
+def test_large_read_socket_returns_short_read_on_close():
+    receiving, sending = socket.socketpair()
+    sending.sendall(b"abc")
+    sending.close()
+    try:
+        data = _reader_over(receiving).recv(10)
+    finally:
+        receiving.close()
+    assert data == bytearray(b"abc")
+    assert isinstance(data, bytearray)
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -147,8 +205,8 @@ def test_c_store_ct_context_rejected_others_accepted(receiving_node):
         result = dcmsend(receiving_node.receiver.port, CHEST_CT, CHEST_PA_JPEG_BASELINE)
     assert "No presentation context" in result.stderr
     assert _instance_count(receiving_node) == 1
-    rejected = [entry for entry in logs if entry["event"] == "receiver.presentation_context_rejected"]
-    assert {entry["sop_class_uid"] for entry in rejected} == {"1.2.840.10008.5.1.4.1.1.2"}
+    rejected = [entry for entry in logs if entry["event"] == "receiver.presentation_contexts_rejected"]
+    assert rejected[0]["rejected_sop_class_uids"] == ["1.2.840.10008.5.1.4.1.1.2"]
 
 
 def test_c_store_log_lines_carry_no_patient_identity(receiving_node, chest):
@@ -158,3 +216,21 @@ def test_c_store_log_lines_carry_no_patient_identity(receiving_node, chest):
     assert str(chest.PatientID) not in text
     assert str(chest.PatientName) not in text
     assert any(entry.get("sop_instance_uid") == chest.SOPInstanceUID for entry in logs)
+
+
+def test_c_store_same_patient_id_other_issuer_is_other_patient(receiving_node, chest):
+    from node.index.models import Patient
+
+    other = copy.deepcopy(chest)
+    other.IssuerOfPatientID = "OTHER_HOSPITAL"
+    other.StudyInstanceUID = generate_uid()
+    other.SeriesInstanceUID = generate_uid()
+    other.SOPInstanceUID = generate_uid()
+    assert _store(receiving_node.receiver.port, chest) == DimseStatus.SUCCESS
+    with capture_logs() as logs:
+        assert _store(receiving_node.receiver.port, other) == DimseStatus.SUCCESS
+    with receiving_node.index.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Patient)) == 2
+    clashes = [entry for entry in logs if entry["event"] == "index.patient_id_clash"]
+    assert len(clashes) == 1
+    assert str(chest.PatientID) not in repr(clashes)

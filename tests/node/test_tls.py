@@ -35,6 +35,12 @@ from tests.tls_certificates import ThrowawayPKI, make_test_pki
 SCP_AE_TITLE = "TLS_PACS"
 
 
+
+@pytest.fixture
+def database_url():
+    """TLS does not depend on the index, so these nodes run on SQLite only."""
+    return ""
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> ThrowawayPKI:
     """Two throwaway CAs with server and client certificates."""
