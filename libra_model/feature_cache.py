@@ -34,6 +34,21 @@ def cache_file_name(key: str) -> str:
     return f"{stem}.safetensors"
 
 
+def _make_private_directory(folder: Path) -> None:
+    """Create `folder` and each missing parent with mode 0700, which `mkdir(parents=True)`
+    gives only to the last folder."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            # Another process sharing the folder created it a moment ago.
+            pass
+
+
 class FeatureCache:
     """Image features by key: an LRU of `max_entries` in memory, backed by `folder` when one is given.
 
@@ -62,7 +77,7 @@ class FeatureCache:
         self.folder = folder
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+            _make_private_directory(folder)
 
     def __len__(self) -> int:
         return len(self._memory)
@@ -103,6 +118,8 @@ class FeatureCache:
         temporary_path = self.folder / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
             save_safetensors_file({FEATURES_TENSOR_NAME: features.detach().contiguous().cpu()}, temporary_path)
+            # Features of patient images are readable by the node's user only, whatever the umask.
+            os.chmod(temporary_path, 0o600)
             os.replace(temporary_path, path)
         except OSError as exc:
             log.warning("feature_cache.write_failed", path=str(path), exc_info=exc)

@@ -73,8 +73,43 @@ class SRClass(str, Enum):
     BASIC_TEXT = "basic_text"
 
 
-class NodeSettings(_Section):
-    """The `[node]` table: identity, listener and storage."""
+class _TLSFiles(_Section):
+    """The TLS keys shared by the listener and the destinations."""
+
+    tls: bool = False
+    tls_certificate_file: Path | None = None
+    tls_private_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    def _check_tls_keys(self, prefix: str, certificate_required: bool) -> None:
+        files = {
+            "tls_certificate_file": self.tls_certificate_file,
+            "tls_private_key_file": self.tls_private_key_file,
+            "tls_ca_file": self.tls_ca_file,
+        }
+        configured_keys = [key for key, value in files.items() if value is not None]
+        if not self.tls and configured_keys:
+            raise ValueError(f"{prefix}{', '.join(configured_keys)} set but tls = false; set tls = true or remove them")
+        if (self.tls_certificate_file is None) != (self.tls_private_key_file is None):
+            raise ValueError(f"{prefix}give tls_certificate_file and tls_private_key_file together")
+        if self.tls and certificate_required and self.tls_certificate_file is None:
+            raise ValueError(f"{prefix}tls = true needs tls_certificate_file and tls_private_key_file")
+
+    def _resolved_tls_files(self, base_dir: Path) -> dict[str, Path]:
+        resolved = {}
+        for key in ("tls_certificate_file", "tls_private_key_file", "tls_ca_file"):
+            value = getattr(self, key)
+            if value is not None and not value.is_absolute():
+                resolved[key] = (base_dir / value).resolve()
+        return resolved
+
+
+class NodeSettings(_TLSFiles):
+    """The `[node]` table: identity, listener and storage.
+
+    With `tls = true` the listener accepts only DICOM TLS connections (TLS 1.2 or newer).
+    When `tls_ca_file` is also set, callers must present a certificate that it signed.
+    """
 
     ae_title: AETitle = "LIBRA_NODE"
     bind_address: str = "0.0.0.0"
@@ -100,6 +135,11 @@ class NodeSettings(_Section):
             raise ValueError(f"{value!r} is not an IP address such as 0.0.0.0 or 127.0.0.1") from exc
         return value
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> "NodeSettings":
+        self._check_tls_keys("", certificate_required=True)
+        return self
+
 
 class CallerSettings(_Section):
     """One `[[callers]]` entry: a calling AE title allowed to store, optionally from one host."""
@@ -108,8 +148,13 @@ class CallerSettings(_Section):
     host: str = ""
 
 
-class DestinationSettings(_Section):
-    """One `[[destinations]]` entry: a PACS that receives the draft SRs."""
+class DestinationSettings(_TLSFiles):
+    """One `[[destinations]]` entry: a PACS that receives the draft SRs.
+
+    With `tls = true` the sender verifies the PACS certificate against `tls_ca_file` (or the
+    system's trust store) and its host name against `tls_server_hostname` (or `host`), and
+    presents `tls_certificate_file` when the PACS requires mutual TLS.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: AETitle
@@ -120,6 +165,14 @@ class DestinationSettings(_Section):
     retry_backoff_seconds: float = Field(default=5.0, gt=0)
     max_backoff_seconds: float = Field(default=600.0, gt=0)
     timeout_seconds: float = Field(default=30.0, gt=0)
+    tls_server_hostname: str = ""
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "DestinationSettings":
+        self._check_tls_keys(f"destination {self.name!r}: ", certificate_required=False)
+        if self.tls_server_hostname and not self.tls:
+            raise ValueError(f"destination {self.name!r}: tls_server_hostname set but tls = false")
+        return self
 
 
 class RetrieveMethod(str, Enum):
@@ -281,9 +334,14 @@ class NodeConfig(_Section):
         return self
 
     def resolve_paths(self, base_dir: Path) -> "NodeConfig":
-        """Return a copy whose relative `data_dir` is resolved against `base_dir`."""
+        """Return a copy whose relative `data_dir` and TLS file paths are resolved against `base_dir`."""
         data_dir = self.node.data_dir if self.node.data_dir.is_absolute() else base_dir / self.node.data_dir
-        return self.model_copy(update={"node": self.node.model_copy(update={"data_dir": data_dir.resolve()})})
+        node = self.node.model_copy(update={"data_dir": data_dir.resolve(), **self.node._resolved_tls_files(base_dir)})
+        destinations = [
+            destination.model_copy(update=destination._resolved_tls_files(base_dir))
+            for destination in self.destinations
+        ]
+        return self.model_copy(update={"node": node, "destinations": destinations})
 
     @property
     def database_url(self) -> str:
@@ -302,6 +360,9 @@ def _describe_error(error: dict[str, Any]) -> str:
         return f"{location}: required key is missing"
     if location.endswith("token") or location == "admin":
         # The value is, or contains, a secret that must not reach logs or terminals.
+        return f"{location}: {message}"
+    if isinstance(error.get("input"), dict):
+        # A check across several keys of one table: the message names them.
         return f"{location}: {message}"
     return f"{location} = {error.get('input')!r}: {message}"
 

@@ -37,7 +37,7 @@ from node.dimse_status import DimseStatus, status_name
 from node.headers import InstanceHeader, UnreadableDatasetError, header_from_dataset, read_dataset_header
 from node.index.records import find_instance, record_instance
 from node.index.session import IndexDatabase
-from node.log_config import patient_hash
+from node.log_config import bind_patient_identifiers, patient_hash, patient_identifiers_redacted
 from node.store import FileStore, InvalidUIDError, check_uid, sha256_file
 
 log = structlog.get_logger(__name__)
@@ -173,22 +173,23 @@ class InstanceIngest:
             "calling_ae_title": calling_ae_title,
             "peer_host": peer_host,
         }
-        try:
-            outcome = self._store(temporary_path, request_sop_class_uid, request_sop_instance_uid, calling_ae_title)
-        except StoreRejected as rejection:
-            outcome = StoreOutcome(rejection.status, rejection.reason)
-        except Exception as exc:  # noqa: BLE001 - every failure must reach the peer as a status
-            log.error(f"{self.event_stage}.store_failed", exc_info=exc, **log_context)
-            outcome = StoreOutcome(DimseStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+        with patient_identifiers_redacted():
+            try:
+                outcome = self._store(temporary_path, request_sop_class_uid, request_sop_instance_uid, calling_ae_title)
+            except StoreRejected as rejection:
+                outcome = StoreOutcome(rejection.status, rejection.reason)
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the peer as a status
+                log.error(f"{self.event_stage}.store_failed", exc_info=exc, **log_context)
+                outcome = StoreOutcome(DimseStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
 
-        if outcome.status not in (DimseStatus.SUCCESS, DimseStatus.PROCESSING_FAILURE):
-            log.warning(
-                f"{self.event_stage}.instance_rejected",
-                reason=outcome.reason,
-                status=f"0x{outcome.status:04X}",
-                status_name=status_name(outcome.status),
-                **log_context,
-            )
+            if outcome.status not in (DimseStatus.SUCCESS, DimseStatus.PROCESSING_FAILURE):
+                log.warning(
+                    f"{self.event_stage}.instance_rejected",
+                    reason=outcome.reason,
+                    status=f"0x{outcome.status:04X}",
+                    status_name=status_name(outcome.status),
+                    **log_context,
+                )
         return outcome
 
     def _store(
@@ -201,7 +202,10 @@ class InstanceIngest:
             )
 
         try:
-            header = header_from_dataset(read_dataset_header(temporary_path))
+            dataset = read_dataset_header(temporary_path)
+            # Bound before any element is decoded, so that no warning quotes a value unredacted.
+            bind_patient_identifiers(dataset)
+            header = header_from_dataset(dataset)
         except UnreadableDatasetError as exc:
             raise StoreRejected(DimseStatus.CANNOT_UNDERSTAND, str(exc)) from exc
         self._check_identity(header, request_sop_class_uid, request_sop_instance_uid)

@@ -24,6 +24,7 @@ from pynetdicom.transport import AssociationSocket
 from node.config import CallerSettings, NodeConfig
 from node.dimse_status import DimseStatus, status_name
 from node.index.session import IndexDatabase
+from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
 # The storage SOP classes and transfer syntaxes are defined with the C-STORE checks in
 # node.ingest and re-exported here, where the presentation contexts are built.
@@ -142,6 +143,12 @@ class Receiver:
             event_stage="receiver",
             on_instance_stored=on_instance_stored,
         )
+        settings = config.node
+        self._ssl_context = (
+            server_context(settings.tls_certificate_file, settings.tls_private_key_file, settings.tls_ca_file)
+            if settings.tls
+            else None
+        )
 
     # -- association -----------------------------------------------------------------------
 
@@ -182,13 +189,18 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_c_store),
         ]
         self._server = self._build_ae().start_server(
-            (settings.bind_address, settings.port), block=False, evt_handlers=handlers
+            (settings.bind_address, settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context,
         )
         log.info(
             "receiver.listening",
             called_ae_title=settings.ae_title,
             bind_address=settings.bind_address,
             port=self.port,
+            tls=settings.tls,
+            tls_client_certificate_required=settings.tls_ca_file is not None,
         )
 
     @property
@@ -210,11 +222,31 @@ class Receiver:
             log.info("receiver.stopped")
 
     def _on_connection_opened(self, event: evt.Event) -> None:
+        """Prepare a new connection before the association thread reads its first PDU.
+
+        On a TLS listener this runs the handshake in the association's own thread. A failed
+        handshake closes the connection, so the association ends before it starts.
+        """
+        association_socket = event.assoc.dul.socket
+        if self._ssl_context is not None:
+            context = {"peer_host": event.address[0], "peer_port": event.address[1]}
+            try:
+                session = complete_server_handshake(association_socket.socket, self.config.node.acse_timeout_seconds)
+            except TLSHandshakeError as exc:
+                log.warning("receiver.tls_handshake_failed", error=str(exc), **context)
+                association_socket.close()
+                return
+            log.info(
+                "receiver.tls_established",
+                tls_version=session.tls_version,
+                cipher=session.cipher,
+                peer_certificate_subject=session.peer_certificate_subject,
+                **context,
+            )
         # pynetdicom triggers this event after the socket is attached and before the
         # association thread reads the first PDU.
-        socket = event.assoc.dul.socket
-        if type(socket) is AssociationSocket:
-            socket.__class__ = LargeReadAssociationSocket
+        if type(association_socket) is AssociationSocket:
+            association_socket.__class__ = LargeReadAssociationSocket
 
     def _on_requested(self, event: evt.Event) -> None:
         config = self.config

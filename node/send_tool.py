@@ -7,8 +7,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from node.dimse_status import status_category
@@ -26,6 +27,44 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
         else:
             files.append(path)
     return files
+
+
+def read_dicom_file(path: Path) -> pydicom.Dataset:
+    """Read a DICOM file, or a bare data set written without File Meta Information.
+
+    A bare data set gets File Meta Information: its Transfer Syntax UID is the encoding that
+    pydicom detects (implicit or explicit VR, little or big endian), and its Media Storage
+    SOP Class and Instance UIDs are the data set's own.
+
+    Raises
+    ------
+    InvalidDicomError
+        When the file is neither a DICOM file nor a data set with SOP Class and Instance UIDs.
+    OSError
+        When the file cannot be read.
+    """
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        pass
+    try:
+        dataset = pydicom.dcmread(path, force=True)
+        sop_class_uid = str(dataset.get("SOPClassUID", "") or "")
+        sop_instance_uid = str(dataset.get("SOPInstanceUID", "") or "")
+        implicit_vr, little_endian = dataset.original_encoding
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise InvalidDicomError(f"neither a DICOM file nor a bare data set: {exc}") from exc
+    if not sop_class_uid or not sop_instance_uid:
+        raise InvalidDicomError("no DICOM preamble, and no SOP Class UID and SOP Instance UID in a bare data set")
+    if implicit_vr:
+        transfer_syntax_uid = ImplicitVRLittleEndian
+    else:
+        transfer_syntax_uid = ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    dataset.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    dataset.file_meta.TransferSyntaxUID = transfer_syntax_uid
+    return dataset
 
 
 def send_datasets(
@@ -74,7 +113,7 @@ def send_files(ae_title: str, host: str, port: int, paths: Sequence[Path], calli
     datasets = []
     for path in files:
         try:
-            datasets.append(pydicom.dcmread(path))
+            datasets.append(read_dicom_file(path))
         except (InvalidDicomError, OSError) as exc:
             print(f"skipped {path}: not a readable DICOM file ({exc})", file=sys.stderr)
     if not datasets:

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import structlog
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -32,8 +34,10 @@ from node.dimse_status import status_category, status_name
 from node.index.models import OutboxEntry, OutboxState, StructuredReport, StudyState, utc_now
 from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
+from node.log_config import bind_patient_identifiers, patient_identifiers_redacted
 from node.metrics import NodeMetrics
 from node.store import FileStore
+from node.tls import TLSConfigError, destination_context
 
 log = structlog.get_logger(__name__)
 
@@ -51,18 +55,33 @@ class SendResult:
 
 
 def send_file(destination: DestinationSettings, path: Path, calling_ae_title: str) -> SendResult:
-    """Send one DICOM file with C-STORE and return the outcome; never raises for network faults."""
+    """Send one DICOM file with C-STORE and return the outcome; never raises for network faults.
+
+    With `destination.tls` the association runs over TLS, and a certificate or host name
+    that fails verification ends it before any DICOM message is sent.
+    """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = destination.timeout_seconds
     ae.dimse_timeout = destination.timeout_seconds
     ae.network_timeout = destination.timeout_seconds
+    ae.connection_timeout = destination.timeout_seconds
     for sop_class in SR_STORAGE_SOP_CLASSES:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    tls_context = None
+    if destination.tls:
+        try:
+            tls_context = destination_context(destination)
+        except TLSConfigError as exc:
+            # Possible after a configuration reload; the start-up check covers the first load.
+            return SendResult(False, None, f"TLS configuration invalid: {exc}")
+    tls_args = (tls_context, destination.tls_server_hostname or destination.host) if tls_context else None
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     except OSError as exc:
         return SendResult(False, None, f"connection failed: {exc}")
     if not assoc.is_established:
+        if tls_context is not None and tls_context.handshake_error:
+            return SendResult(False, None, f"TLS handshake failed: {tls_context.handshake_error}")
         if assoc.is_rejected:
             return SendResult(False, None, "association rejected")
         return SendResult(False, None, "association not established (aborted or no answer)")
@@ -117,6 +136,10 @@ class Sender:
         self.poll_seconds = poll_seconds
         self.metrics = metrics or NodeMetrics()
         self.sender_id = lease_owner_name("sender")
+        for destination in config.destinations:
+            if destination.tls:
+                # Built once here so that a missing or invalid file stops the node at start.
+                destination_context(destination)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -199,13 +222,20 @@ class Sender:
             result = SendResult(False, None, f"destination {destination_name!r} is no longer configured")
             self._record_result(entry_id, result, final=True, context=context)
             return True
-        started = time.monotonic()
-        result = send_file(destination, self.store.absolute(file_path), config.node.ae_title)
-        self.metrics.send_seconds.labels(
-            destination=destination_name, outcome="sent" if result.delivered else "failed"
-        ).observe(time.monotonic() - started)
-        final = not result.delivered and attempt >= destination.max_attempts
-        self._record_result(entry_id, result, final=final, context=context, destination=destination)
+        path = self.store.absolute(file_path)
+        with patient_identifiers_redacted():
+            started = time.monotonic()
+            try:
+                bind_patient_identifiers(pydicom.dcmread(path, stop_before_pixels=True))
+            except (InvalidDicomError, OSError) as exc:
+                result = SendResult(False, None, f"SR file {file_path} cannot be read: {exc}")
+            else:
+                result = send_file(destination, path, config.node.ae_title)
+            self.metrics.send_seconds.labels(
+                destination=destination_name, outcome="sent" if result.delivered else "failed"
+            ).observe(time.monotonic() - started)
+            final = not result.delivered and attempt >= destination.max_attempts
+            self._record_result(entry_id, result, final=final, context=context, destination=destination)
         return True
 
     def _claim_entry(self):

@@ -18,7 +18,7 @@ from node.receiver import Receiver
 from node.retention import Retention
 from node.sender import Sender
 from node.stability import StabilityTimer
-from node.store import FileStore
+from node.store import FileStore, make_private_directory
 from node.worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -65,7 +65,7 @@ class NodeService:
         self.metrics = NodeMetrics()
         self._reload_lock = threading.Lock()
         data_dir = config.node.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_directory(data_dir)
         os.chmod(data_dir, 0o700)
         self.store = FileStore(data_dir / "store", config.node.free_disk_reserve_mb * 1024 * 1024)
         self.index = IndexDatabase(config.database_url)

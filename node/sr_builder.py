@@ -31,10 +31,14 @@ from highdicom.sr import (
     TextContentItem,
     UIDRefContentItem,
 )
+from highdicom.enum import PatientSexValues
 from highdicom.sr.sop import _SR
 from highdicom.sr.utils import find_content_items
 from pydicom import config
-from pydicom.charset import python_encoding
+from pydicom.charset import convert_encodings, python_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     RE_VALID_UID,
     BasicTextSRStorage,
@@ -43,7 +47,7 @@ from pydicom.uid import (
     EnhancedSRStorage,
     ExplicitVRLittleEndian,
 )
-from pydicom.valuerep import PersonName, validate_value
+from pydicom.valuerep import DA, TM, PersonName, validate_value
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +140,14 @@ _TYPE_2_STUDY_KEYWORDS = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+# Type 2 attributes that highdicom 0.28 converts (to DA, TM or its PatientSexValues enum), so
+# that a source value invalid for them would stop the SR from being built.
+_CONVERTED_TYPE_2_KEYWORDS = {
+    "PatientBirthDate": DA,
+    "PatientSex": PatientSexValues,
+    "StudyDate": DA,
+    "StudyTime": TM,
+}
 
 
 class SRDocumentClass(str, Enum):
@@ -312,7 +324,9 @@ def build_draft_sr(
     current_frontal
         The instance of `current_evidence` that the model read. The Patient, General Study
         and Patient Study attributes are copied from it, and so is its Specific Character
-        Set unless some text of the SR needs ISO_IR 192 (UTF-8).
+        Set unless some text of the SR needs ISO_IR 192 (UTF-8). Pass it as read from
+        the file: a value whose bytes do not decode under the declared character set is
+        copied byte for byte only while its element is not yet decoded.
     prior_frontal
         Header of the prior study's frontal image that the model read, listed in the
         Pertinent Other Evidence Sequence; None when no prior study was available.
@@ -363,6 +377,8 @@ def build_draft_sr(
     PredecessorError
         When `predecessor` is not an SR of the current study or has `sop_instance_uid`.
     """
+    # Read before any check decodes an element, because decoding replaces invalid bytes.
+    undecodable_values = _undecodable_text_values(current_frontal)
     sr_document_class = _parse_sr_class(sr_class)
     _check_uid(series_instance_uid, "series_instance_uid")
     _check_uid(sop_instance_uid, "sop_instance_uid")
@@ -381,6 +397,7 @@ def build_draft_sr(
     for keyword in _TYPE_2_STUDY_KEYWORDS:
         if keyword not in frontal_header:
             setattr(frontal_header, keyword, None)
+    _empty_unconvertible_type_2_values(frontal_header)
     other_current_headers = [
         _header_copy(dataset)
         for dataset in current_evidence
@@ -437,6 +454,7 @@ def build_draft_sr(
         sr.InstanceCreationDate = created.strftime("%Y%m%d")
         sr.InstanceCreationTime = created.strftime("%H%M%S.%f")
     _select_character_set(sr, frontal_header)
+    _restore_undecodable_values(sr, frontal_header, undecodable_values)
 
     log.info(
         "sr_builder.sr_built",
@@ -644,6 +662,25 @@ def _header_copy(dataset: pydicom.Dataset) -> pydicom.Dataset:
         if element.tag.group != 0x7FE0:
             header.add(copy.deepcopy(element))
     return header
+
+
+def _empty_unconvertible_type_2_values(frontal_header: pydicom.Dataset) -> None:
+    """Empty the Type 2 values that highdicom cannot convert, such as a Patient's Birth Date
+    of "1943-11-07" (DA needs "19431107"). Type 2 allows an empty value, and the SR is still
+    built; the warning names the attribute but not its value."""
+    for keyword, convert in _CONVERTED_TYPE_2_KEYWORDS.items():
+        element = frontal_header[keyword]
+        if element.is_empty:
+            continue
+        try:
+            convert(str(element.value))
+        except ValueError:
+            element.value = None
+            log.warning(
+                "sr_builder.invalid_attribute_emptied",
+                keyword=keyword,
+                source_sop_instance_uid=frontal_header.SOPInstanceUID,
+            )
 
 
 def _drop_invalid_optional_attributes(sr: pydicom.Dataset, source_sop_instance_uid: str) -> None:
@@ -952,6 +989,71 @@ def _select_character_set(sr: pydicom.Dataset, frontal_header: pydicom.Dataset) 
         source_character_set=source_character_set,
         specific_character_set=UTF8_CHARACTER_SET,
     )
+
+
+def _undecodable_text_values(dataset: pydicom.Dataset) -> dict[BaseTag, bytes]:
+    """Return the raw bytes of the top-level text values that do not decode under the data
+    set's Specific Character Set.
+
+    pydicom decodes such a value with replacement characters and keeps only the re-encoded
+    text, so the bytes are read from elements that are not yet decoded. Elements decoded
+    before the call are skipped.
+    """
+    character_set = dataset.get("SpecificCharacterSet")
+    if _python_codecs(character_set) is None:
+        return {}
+    # The codecs pydicom decodes with, which for the default repertoire is Latin-1.
+    codecs = convert_encodings(character_set or "")
+    # NOTE: values under ISO 2022 code extensions (several Defined Terms) are not checked,
+    # so invalid bytes there are still replaced in the SR.
+    if len(codecs) != 1:
+        return {}
+    undecodable = {}
+    for tag in dataset.keys():
+        element = dataset.get_item(tag)
+        if not isinstance(element, RawDataElement) or not element.value:
+            continue
+        try:
+            value_representation = element.VR or dictionary_VR(tag)
+        except KeyError:
+            continue
+        if value_representation not in _TEXT_VRS:
+            continue
+        try:
+            element.value.decode(codecs[0])
+        except UnicodeDecodeError:
+            undecodable[tag] = element.value
+    return undecodable
+
+
+def _restore_undecodable_values(
+    sr: pydicom.Dataset, frontal_header: pydicom.Dataset, undecodable_values: dict[BaseTag, bytes]
+) -> None:
+    """Write the source's own bytes for copied values that pydicom could not decode.
+
+    This happens only while the SR keeps the source's Specific Character Set. Under
+    ISO_IR 192 the invalid bytes cannot be carried, so the value keeps its replacement
+    characters and a warning names the attribute.
+    """
+    character_set_kept = sr.get("SpecificCharacterSet") == frontal_header.get("SpecificCharacterSet")
+    for tag, raw_value in undecodable_values.items():
+        if tag not in sr or tag not in frontal_header:
+            continue
+        element = sr[tag]
+        if str(element.value) != str(frontal_header[tag].value):
+            # The SR has its own value for this attribute, such as its Series Description.
+            continue
+        context = {
+            "keyword": element.keyword,
+            "sop_instance_uid": sr.SOPInstanceUID,
+            "source_sop_instance_uid": frontal_header.SOPInstanceUID,
+            "source_character_set": frontal_header.get("SpecificCharacterSet"),
+        }
+        if character_set_kept:
+            sr[tag] = pydicom.DataElement(tag, element.VR, raw_value)
+            log.warning("sr_builder.undecodable_value_copied", **context)
+        else:
+            log.warning("sr_builder.undecodable_value_replaced", **context)
 
 
 def _python_codecs(character_set: str | Sequence[str] | None) -> list[str] | None:

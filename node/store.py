@@ -49,6 +49,24 @@ def check_uid(keyword: str, value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+def make_private_directory(path: Path) -> None:
+    """Create `path` and each missing parent with mode 0700 (owner only).
+
+    `Path.mkdir(parents=True)` gives the parents the umask's default mode instead, so with
+    a umask of 000 a study folder would become writable by everyone.
+    """
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            # Another thread or process created it a moment ago.
+            pass
+
+
 def _fsync_directory(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -85,7 +103,7 @@ class FileStore:
         self._incoming_parent = root / ".incoming"
         self._host_prefix = f"{socket.gethostname()}-"
         self.incoming_dir = self._incoming_parent / f"{self._host_prefix}{os.getpid()}"
-        self.incoming_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_directory(self.incoming_dir)
         os.chmod(root, 0o700)
 
     def relative_path(self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Path:
@@ -121,7 +139,7 @@ class FileStore:
         raises FileExistsError), and the folder entry is fsynced.
         """
         final_path = self.root / relative_path
-        final_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_directory(final_path.parent)
         descriptor = os.open(temporary_path, os.O_RDONLY)
         try:
             os.fsync(descriptor)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ from node.index.models import (
 )
 from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
+from node.log_config import bind_patient_identifiers, patient_identifiers_redacted, redact_patient_identifiers
 from node.metrics import NodeMetrics
 from node.log_config import load_or_create_hash_key
 from node.prior_query import PriorSearchRequest
@@ -112,8 +114,13 @@ def load_or_create_device_uid(data_dir: Path) -> str:
     except FileNotFoundError:
         pass
     uid = generate_uid()
-    path.write_text(uid + "\n")
-    path.chmod(0o600)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # Another process of this installation created it a moment ago.
+        return path.read_text().strip()
+    with os.fdopen(descriptor, "w") as uid_file:
+        uid_file.write(uid + "\n")
     return uid
 
 
@@ -312,7 +319,9 @@ class Worker:
         heartbeat.start()
         self._batch_started = time.monotonic()
         try:
-            self._run_jobs(job_ids)
+            # The identifiers of every job in the batch are replaced in this thread's log lines.
+            with patient_identifiers_redacted():
+                self._run_jobs(job_ids)
         finally:
             heartbeat_stop.set()
             heartbeat.join()
@@ -524,6 +533,9 @@ class Worker:
         inputs = self._resolve_inputs(job_id)
         current_frontal = pydicom.dcmread(inputs.current_frontal_path)
         prior_frontal = pydicom.dcmread(inputs.prior_frontal_path) if inputs.prior_frontal_path else None
+        bind_patient_identifiers(current_frontal)
+        if prior_frontal is not None:
+            bind_patient_identifiers(prior_frontal)
         request = ReportRequest(
             current_frontal,
             prior_frontal,
@@ -568,7 +580,7 @@ class Worker:
         # One snapshot of the destinations for the whole job, because a configuration reload
         # may replace self.config between writing the SRs and adding their outbox entries.
         destinations = tuple(self.config.destinations)
-        written = self._write_srs(inputs, current_evidence, current_frontal, prior_frontal, report, destinations)
+        written = self._write_srs(inputs, current_evidence, prior_frontal, report, destinations)
         try:
             self._complete_job(inputs, written, report, destinations)
         except BaseException:
@@ -582,7 +594,7 @@ class Worker:
         if self._batch_started is not None:
             self.metrics.job_seconds.labels(outcome=outcome).observe(time.monotonic() - self._batch_started)
 
-    def _write_srs(self, inputs, current_evidence, current_frontal, prior_frontal, report, destinations):
+    def _write_srs(self, inputs, current_evidence, prior_frontal, report, destinations):
         """Write one SR file per SR class that the destinations need; return (class, path, dataset)."""
         classes = sorted({destination.sr_class for destination in destinations} or {SRClass.ENHANCED})
         series_instance_uid = generate_uid()
@@ -590,9 +602,13 @@ class Worker:
         for instance_number, sr_class in enumerate(classes, start=1):
             predecessor_path = inputs.predecessor_paths.get(sr_class.value)
             predecessor = pydicom.dcmread(predecessor_path, stop_before_pixels=True) if predecessor_path else None
+            # A fresh header for each SR, because the builder copies a value's bytes only from an
+            # element that nothing has decoded yet (decoding replaces bytes that are invalid in
+            # the declared character set).
+            frontal_header = pydicom.dcmread(inputs.current_frontal_path, stop_before_pixels=True)
             dataset = build_draft_sr(
                 current_evidence,
-                current_frontal,
+                frontal_header,
                 prior_frontal,
                 report,
                 self.device,
@@ -706,7 +722,8 @@ class Worker:
 
     def _fail_job(self, job_id: int, error: Exception) -> bool:
         """Record a failed attempt; return True when the job failed for good."""
-        message = f"{type(error).__name__}: {error}"
+        # Library errors can quote a patient's values; the job row and study reason must not.
+        message = redact_patient_identifiers(f"{type(error).__name__}: {error}")
         with self.index.transaction() as session:
             job = session.get(ReportJob, job_id)
             study = job.study

@@ -115,11 +115,14 @@ class Orthanc:
                 self.process.wait()
 
 
-def start_orthanc(workdir: Path, ae_title: str = "ORTHANC", modalities: dict | None = None) -> Orthanc:
+def start_orthanc(
+    workdir: Path, ae_title: str = "ORTHANC", modalities: dict | None = None, extra_settings: dict | None = None
+) -> Orthanc:
     """Start Orthanc with its storage in `workdir` on free loopback ports and wait until it is up.
 
     `modalities` is Orthanc's DicomModalities map (name -> [AE title, host, port]), needed
-    only when Orthanc must send to or accept retrieves from another AE.
+    only when Orthanc must send to or accept retrieves from another AE. `extra_settings`
+    adds or replaces configuration keys, for example the DicomTls* keys.
     """
     orthanc_binary = shutil.which("Orthanc")
     if orthanc_binary is None:
@@ -139,7 +142,7 @@ def start_orthanc(workdir: Path, ae_title: str = "ORTHANC", modalities: dict | N
         "DicomModalities": modalities or {},
         "Plugins": [],
         "StableAge": 1,
-    }
+    } | (extra_settings or {})
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config))
     log_path = workdir / "orthanc.log"

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.index import schema
 from node.index.models import AuditEvent
+from node.store import make_private_directory
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,7 @@ class IndexDatabase:
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite and self.url.database:
             database_path = Path(self.url.database)
-            database_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_directory(database_path.parent)
             if not database_path.exists():
                 # Created here so that the index is readable by the node's user only.
                 os.close(os.open(database_path, os.O_CREAT | os.O_WRONLY, 0o600))
