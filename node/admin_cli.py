@@ -52,7 +52,7 @@ def _logged_to_stderr(handler):
 def _open_index(config: NodeConfig):
     from node.index.session import IndexDatabase
 
-    index = IndexDatabase(config.database_url)
+    index = IndexDatabase(config.database_url, create_file=False)
     index.prepare_schema(create_if_empty=False)
     return index
 
@@ -78,8 +78,12 @@ def _print_json(value) -> None:
 # -- ae ----------------------------------------------------------------------------------------
 
 
-def _reload_running_node(config: NodeConfig) -> str:
-    """Ask a node on this machine to reload through its admin endpoint; return what happened."""
+def _reload_running_node(config: NodeConfig, config_path: Path) -> str:
+    """Ask a node on this machine to reload through its admin endpoint; return what happened.
+
+    The node on that endpoint may run from another configuration file (a copy with the same
+    admin port); the message then says that the edited file is not the one it reloaded.
+    """
     settings = config.admin
     if not settings.enabled or settings.port == 0:
         return "No admin endpoint is configured: send SIGHUP to the running node to apply the change."
@@ -95,6 +99,16 @@ def _reload_running_node(config: NodeConfig) -> str:
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             json.loads(response.read())
+        ae_request = urllib.request.Request(f"http://{host}:{settings.port}/api/ae")
+        if token:
+            ae_request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(ae_request, timeout=10) as response:
+            running_path = json.loads(response.read()).get("config_path")
+        if running_path and Path(running_path).resolve() != config_path.resolve():
+            return (
+                f"The node on the admin endpoint runs from {running_path}, not {config_path}: it reloaded its own "
+                f"file, so this change is not in effect there. Edit {running_path} (--config) instead."
+            )
         return "The running node reloaded its callers and destinations."
     except urllib.error.HTTPError as exc:
         return f"The running node did not reload (HTTP {exc.code}: {exc.read().decode(errors='replace').strip()})."
@@ -107,7 +121,7 @@ def _after_edit(args: argparse.Namespace, message: str) -> None:
     if args.no_reload:
         print("Not reloaded (--no-reload): send SIGHUP to the running node or POST /api/reload to apply the change.")
     else:
-        print(_reload_running_node(load_config(args.config)))
+        print(_reload_running_node(load_config(args.config), Path(args.config)))
 
 
 def _command_ae_list(args: argparse.Namespace) -> int:

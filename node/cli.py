@@ -15,6 +15,7 @@ from node.admin import AdminError
 from node.admin_cli import add_admin_commands
 from node.config import ConfigError, load_config, validate_ae_title
 from node.index.schema import SchemaOutdatedError
+from node.index.session import IndexNotFoundError
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +91,7 @@ def _command_db(args: argparse.Namespace) -> int:
     from node.index.session import IndexDatabase
 
     config = load_config(args.config)
-    index = IndexDatabase(config.database_url)
+    index = IndexDatabase(config.database_url, create_file=args.db_command == "upgrade")
     try:
         before = schema.current_revision(index.engine)
         if args.db_command == "upgrade":
@@ -154,16 +155,28 @@ def _command_ae_test_query(args: argparse.Namespace) -> int:
 
 def _command_sr_show(args: argparse.Namespace) -> int:
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     from node.sr_show import format_sr_tree
 
-    print(format_sr_tree(pydicom.dcmread(args.file)))
+    try:
+        dataset = pydicom.dcmread(args.file)
+    except (InvalidDicomError, OSError) as exc:
+        print(f"libra-node: cannot read {args.file} as a DICOM file: {exc}", file=sys.stderr)
+        return 1
+    if str(dataset.get("Modality", "")) != "SR" or "ContentSequence" not in dataset:
+        print(f"libra-node: {args.file} is not a structured report (Modality {dataset.get('Modality', 'missing')})", file=sys.stderr)
+        return 1
+    print(format_sr_tree(dataset))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="libra-node", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="libra-node",
+        description="libra-node: receive chest radiographs over DICOM and send draft reports as DICOM SR.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the node: receiver, timer, worker and sender")
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"libra-node: {exc}", file=sys.stderr)
         return 2
-    except SchemaOutdatedError as exc:
+    except (SchemaOutdatedError, IndexNotFoundError) as exc:
         print(f"libra-node: {exc}", file=sys.stderr)
         return 2
     except AdminError as exc:

@@ -84,22 +84,25 @@ def send_datasets(
     """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
-    contexts = set()
-    for dataset in datasets:
-        transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
-        contexts.add((str(dataset.SOPClassUID), transfer_syntax))
+    # One presentation context per SOP class and transfer syntax, each offering that one
+    # syntax: a context that offered a compressed syntax together with Explicit VR Little
+    # Endian could be accepted with the latter, and a compressed data set cannot be converted.
+    contexts = {(str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)) for dataset in datasets}
     for sop_class_uid, transfer_syntax in sorted(contexts)[:_MAX_CONTEXTS]:
-        syntaxes = [transfer_syntax]
-        if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            syntaxes.append(ExplicitVRLittleEndian)
-        ae.add_requested_context(sop_class_uid, syntaxes)
+        ae.add_requested_context(sop_class_uid, transfer_syntax)
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {ae_title}@{host}:{port} (rejected, refused or timed out)")
     statuses: list[int | None] = []
     try:
         for dataset in datasets:
-            response = assoc.send_c_store(dataset)
+            try:
+                response = assoc.send_c_store(dataset)
+            except ValueError as exc:
+                # The peer accepted no presentation context for this SOP class and transfer syntax.
+                print(f"not sent {dataset.SOPInstanceUID}: {exc}", file=sys.stderr)
+                statuses.append(None)
+                continue
             statuses.append(int(response.Status) if response is not None and "Status" in response else None)
     finally:
         if assoc.is_established:

@@ -131,6 +131,12 @@ def resolve_model_path(config: NodeConfig) -> Path:
     from libra_model.tiny import build_tiny_checkpoint
 
     folder = config.node.data_dir / DEMO_CHECKPOINT_FOLDER
+    log.warning(
+        "worker.demo_checkpoint_used",
+        path=str(folder),
+        reason="[model] path is empty, so the drafts come from random weights and are meaningless; "
+        "set it to a released Libra checkpoint folder",
+    )
     if not (folder / "config.json").exists():
         log.info("worker.demo_checkpoint_building", path=str(folder))
         build_tiny_checkpoint(folder)

@@ -33,8 +33,12 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-# The CPU build of PyTorch, pinned: an unpinned install would pull a multi-GB CUDA build.
-.venv/bin/pip install -q "torch==${LIBRA_TORCH_VERSION:-2.13.0}"
+# PyTorch is pinned so that pip does not pick a newer multi-GB CUDA build. Where the package
+# index serves CUDA builds under that version (plain PyPI on Linux does), set
+# LIBRA_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get the CPU build.
+torch_index_args=()
+[ -n "${LIBRA_TORCH_INDEX_URL:-}" ] && torch_index_args=(--index-url "$LIBRA_TORCH_INDEX_URL")
+.venv/bin/pip install -q "${torch_index_args[@]}" "torch==${LIBRA_TORCH_VERSION:-2.13.0}"
 if [ "$with_tests" = 1 ]; then
     .venv/bin/pip install -q -e ".[test]"
 else

@@ -43,6 +43,10 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class IndexNotFoundError(RuntimeError):
+    """The SQLite index file does not exist where the configuration says it is."""
+
+
 class IndexDatabase:
     """The index's engine and session factory.
 
@@ -51,13 +55,24 @@ class IndexDatabase:
     url
         SQLAlchemy URL, for example ``sqlite:////var/lib/libra/index.sqlite3`` or
         ``postgresql+psycopg://node@db/libra``.
+    create_file
+        Whether a missing SQLite file is created (False for tools that only read an index:
+        they raise IndexNotFoundError instead).
+    create_file
+        Whether a missing SQLite file is created (False for tools that only read an index:
+        they raise IndexNotFoundError instead).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create_file: bool = True) -> None:
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite and self.url.database:
             database_path = Path(self.url.database)
+            if not create_file and not database_path.exists():
+                raise IndexNotFoundError(
+                    f"no index database at {database_path}: check that --config names the node's configuration "
+                    f"file (its data_dir), or start the node once to create the index"
+                )
             make_private_directory(database_path.parent)
             if not database_path.exists():
                 # Created here so that the index is readable by the node's user only.

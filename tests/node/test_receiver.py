@@ -234,3 +234,16 @@ def test_c_store_same_patient_id_other_issuer_is_other_patient(receiving_node, c
     clashes = [entry for entry in logs if entry["event"] == "index.patient_id_clash"]
     assert len(clashes) == 1
     assert str(chest.PatientID) not in repr(clashes)
+
+
+def test_send_tool_sends_compressed_files_in_own_syntax(receiving_node):
+    from node.send_tool import send_datasets
+    from tests.peers import CHEST_CT, CHEST_PA_J2K, CHEST_PA_JPEGLS, HIP_CR_RLE
+
+    datasets = [pydicom.dcmread(path) for path in (CHEST_PA_JPEG_BASELINE, CHEST_PA_J2K, CHEST_PA_JPEGLS, HIP_CR_RLE, CHEST_CT)]
+    statuses = send_datasets(NODE_AE_TITLE, "127.0.0.1", receiving_node.receiver.port, datasets, MODALITY_AE_TITLE)
+    assert statuses == [0, 0, 0, 0, None]
+    with receiving_node.index.transaction() as session:
+        stored = dict(session.execute(select(Instance.sop_instance_uid, Instance.transfer_syntax_uid)).all())
+    for dataset in datasets[:4]:
+        assert stored[dataset.SOPInstanceUID] == dataset.file_meta.TransferSyntaxUID
