@@ -148,6 +148,8 @@ def process_document(data_dir: Path, model_path: Path, database_url: str = "", *
         "model": {"path": str(model_path), "max_new_tokens": 8},
         "worker": {"poll_seconds": 0.2},
         "logging": {"format": "json"},
+        # Several node processes run at once, so each admin endpoint takes any free port.
+        "admin": {"port": 0},
     }
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(document.get(section), dict):
