@@ -289,7 +289,7 @@ def test_destination_rejecting_association_marked_failed(make_node):
     pacs = CountingStorageSCP(ae_title="REAL_PACS").start()
     try:
         node = make_node(destinations=[pacs.destination(ae_title="WRONG_TITLE", retry_backoff_seconds=0.2, max_attempts=2)])
-        # pynetdicom checks the called AE title only when told to.
+        # pynetdicom checks the called AE title only when require_called_aet is set.
         pacs._server.ae.require_called_aet = True
         with capture_logs() as logs:
             send_datasets(NODE_AE_TITLE, "127.0.0.1", node.receiver.port, [_study()], MODALITY_AE_TITLE)
@@ -357,16 +357,16 @@ def test_association_limit_rejects_excess(make_node):
     node = make_node(run_worker=False, node={"max_associations": 2})
     ae = AE(ae_title=MODALITY_AE_TITLE)
     ae.add_requested_context(Verification)
-    held = [ae.associate("127.0.0.1", node.receiver.port, ae_title=NODE_AE_TITLE) for _ in range(2)]
+    established = [ae.associate("127.0.0.1", node.receiver.port, ae_title=NODE_AE_TITLE) for _ in range(2)]
     try:
-        assert all(assoc.is_established for assoc in held)
+        assert all(assoc.is_established for assoc in established)
         with capture_logs() as logs:
             excess = ae.associate("127.0.0.1", node.receiver.port, ae_title=NODE_AE_TITLE)
         assert excess.is_rejected
         rejections = [entry for entry in logs if entry["event"] == "receiver.association_rejected"]
         assert rejections[0]["reason"] == "more than 2 simultaneous associations"
     finally:
-        for assoc in held:
+        for assoc in established:
             assoc.release()
 
     def associate_again():
