@@ -10,18 +10,17 @@ import datetime as dt
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import EnhancedSRStorage, Verification
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
 from node.dimse_status import DimseStatus
-from node.index.models import Instance, JobState, OutboxEntry, OutboxState, ReportJob, Study, StudyState
+from node.index.models import Instance, OutboxEntry, OutboxState, ReportJob, Study, StudyState
 from node.index.session import IndexDatabase
 from node.send_tool import send_datasets
 from node.synthetic import synthetic_chest_study
