@@ -299,8 +299,11 @@ def _add_no_reload(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_admin_commands(commands: argparse._SubParsersAction) -> None:
-    """Add the ae, status, studies, requeue and resend subcommands to the `libra-node` parser."""
+def add_admin_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add the ae, status, studies, requeue and resend subcommands to the `libra-node` parser.
+
+    Returns the subcommands of `ae`, so that other modules can add their own checks to it.
+    """
     from node.cli import parse_peer
 
     ae = commands.add_parser("ae", help="list, add, remove and test calling AE titles and destinations")
@@ -384,3 +387,4 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     _add_config(resend)
     _add_json(resend)
     resend.set_defaults(handler=_logged_to_stderr(_command_resend))
+    return ae_commands

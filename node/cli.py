@@ -134,6 +134,24 @@ def _command_send(args: argparse.Namespace) -> int:
     return send_files(ae_title, host, port, args.files, calling_ae_title=args.calling_ae_title)
 
 
+def _command_ae_test_query(args: argparse.Namespace) -> int:
+    from node.query_retrieve import check_query_source
+
+    config = load_config(args.config)
+    sources = {source.name: source for source in config.query_sources}
+    if args.name not in sources:
+        configured = ", ".join(sorted(sources)) or "none"
+        raise ConfigError(
+            f"query source {args.name!r} is not in {args.config}; configured [[query_sources]] names: {configured}"
+        )
+    source = sources[args.name]
+    print(f"Checking query source {source.name} ({source.ae_title}@{source.host}:{source.port}) as {config.node.ae_title}")
+    checks = check_query_source(source, config.node.ae_title)
+    for check in checks:
+        print(f"{'PASS' if check.passed else 'FAIL'}  {check.request:<7} {check.detail}")
+    return 0 if all(check.passed for check in checks) else 1
+
+
 def _command_sr_show(args: argparse.Namespace) -> int:
     import pydicom
 
@@ -194,7 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr_show.add_argument("file", type=Path)
     sr_show.set_defaults(handler=_command_sr_show)
 
-    add_admin_commands(commands)
+    ae_commands = add_admin_commands(commands)
+    ae_test_query = ae_commands.add_parser(
+        "test-query", help="check that a [[query_sources]] PACS allows C-ECHO, C-FIND and its retrieve method"
+    )
+    ae_test_query.add_argument("name", help="the name of the [[query_sources]] entry")
+    ae_test_query.add_argument("--config", type=Path, default=Path("config/node.toml"), help="TOML configuration file (default: %(default)s)")
+    ae_test_query.set_defaults(handler=_command_ae_test_query)
     return parser
 
 

@@ -175,6 +175,29 @@ class DestinationSettings(_TLSFiles):
         return self
 
 
+class RetrieveMethod(str, Enum):
+    """The retrieve method of a query source: C-MOVE or C-GET."""
+
+    MOVE = "move"
+    """C-MOVE: the PACS opens its own association to the node's receiver to send the image."""
+
+    GET = "get"
+    """C-GET: the PACS sends the image back on the node's association (SCP/SCU role selection)."""
+
+
+class QuerySourceSettings(_Section):
+    """One `[[query_sources]]` entry: a PACS queried for prior studies (Study Root C-FIND)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    retrieve_method: RetrieveMethod = RetrieveMethod.MOVE
+    query_timeout_seconds: float = Field(default=10.0, gt=0)
+    retrieve_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_studies: int = Field(default=10, ge=1, le=1000)
+
+
 class ModelSettings(_Section):
     """The `[model]` table: which Libra checkpoint writes the drafts, and how."""
 
@@ -285,6 +308,7 @@ class NodeConfig(_Section):
     node: NodeSettings = NodeSettings()
     callers: list[CallerSettings] = []
     destinations: list[DestinationSettings] = []
+    query_sources: list[QuerySourceSettings] = []
     model: ModelSettings = ModelSettings()
     routing: RoutingSettings = RoutingSettings()
     worker: WorkerSettings = WorkerSettings()
@@ -299,6 +323,14 @@ class NodeConfig(_Section):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_unique_query_source_names(self) -> "NodeConfig":
+        names = [source.name for source in self.query_sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"query source names must be unique; repeated: {', '.join(duplicates)}")
         return self
 
     def resolve_paths(self, base_dir: Path) -> "NodeConfig":

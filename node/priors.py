@@ -15,7 +15,7 @@ from pydicom.valuerep import PersonName
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.index.models import Patient, Study
+from node.index.models import Instance, Patient, Study
 
 log = structlog.get_logger(__name__)
 
@@ -50,11 +50,14 @@ def find_prior_study(session: Session, study: Study, max_prior_age_days: int) ->
     if current_time is None or not patient.patient_id:
         return None
     earliest = current_time - dt.timedelta(days=max_prior_age_days)
+    # A study whose frontal image retention has removed cannot serve as a prior any more.
     candidates = session.scalars(
-        select(Study).where(
+        select(Study)
+        .join(Instance, Instance.sop_instance_uid == Study.frontal_sop_instance_uid)
+        .where(
             Study.patient_fk == patient.id,
             Study.id != study.id,
-            Study.frontal_sop_instance_uid.is_not(None),
+            Instance.removed_at.is_(None),
         )
     ).all()
     current_name = _comparable_name(study.patient_name)

@@ -3,113 +3,49 @@
 Promise: a C-STORE gets Success (0x0000) only after the instance is durably written (fsync,
 atomic rename) and indexed in one committed transaction. Every other outcome gets the named
 DIMSE status of its cause and a log line with the SOP Instance UID, never patient names or IDs.
-Associations are accepted only from configured calling AE titles (optionally bound to a host)
-and only when the called AE title is the node's own.
+Associations are accepted only from configured calling AE titles and query sources (each
+optionally bound to a host) and only when the called AE title is the node's own. The checks
+and writes of a C-STORE live in `node.ingest`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
-from sqlalchemy.exc import IntegrityError
 
 from node.config import CallerSettings, NodeConfig
 from node.dimse_status import DimseStatus, status_name
-from node.headers import InstanceHeader, UnreadableDatasetError, header_from_dataset, read_dataset_header
-from node.index.records import find_instance, record_instance
 from node.index.session import IndexDatabase
-from node.log_config import bind_patient_identifiers, patient_hash, patient_identifiers_redacted
-from node.metrics import NodeMetrics
-from node.store import FileStore, InvalidUIDError, check_uid, sha256_file
-from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
-log = structlog.get_logger(__name__)
-
-# Storage SOP classes of the images a chest radiograph study contains.
-COMPUTED_RADIOGRAPHY_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DIGITAL_XRAY_IMAGE_STORAGE_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DIGITAL_XRAY_IMAGE_STORAGE_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7.2"
-MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7.3"
-
-ACCEPTED_STORAGE_SOP_CLASSES = (
+# The storage SOP classes and transfer syntaxes are defined with the C-STORE checks in
+# node.ingest and re-exported here, where the presentation contexts are built.
+from node.ingest import (  # noqa: F401
+    ACCEPTED_STORAGE_SOP_CLASSES,
+    ACCEPTED_TRANSFER_SYNTAXES,
     COMPUTED_RADIOGRAPHY_IMAGE_STORAGE,
     DIGITAL_XRAY_IMAGE_STORAGE_FOR_PRESENTATION,
     DIGITAL_XRAY_IMAGE_STORAGE_FOR_PROCESSING,
     SECONDARY_CAPTURE_IMAGE_STORAGE,
-    MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE,
-    MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE,
+    InstanceIngest,
 )
-SECONDARY_CAPTURE_SOP_CLASSES = frozenset(ACCEPTED_STORAGE_SOP_CLASSES[3:])
-# Secondary Capture is accepted only for these modalities, as exported by CR/DX systems.
-SECONDARY_CAPTURE_MODALITIES = frozenset({"CR", "DX"})
+from node.metrics import NodeMetrics
+from node.store import FileStore
+from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
-ACCEPTED_TRANSFER_SYNTAXES = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-)
+log = structlog.get_logger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, reason) triples of PS3.8 9.3.4.
 REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
-
-ERROR_COMMENT_MAX_LENGTH = 64
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    """The status of one C-STORE and the reason logged with it."""
-
-    status: DimseStatus
-    reason: str = ""
-
-
-class StoreRejected(Exception):
-    """An expected C-STORE failure, carrying its DIMSE status."""
-
-    def __init__(self, status: DimseStatus, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
 
 class LargeReadAssociationSocket(AssociationSocket):
     """An association socket that reads each PDU with as few recv() calls as the kernel allows.
@@ -134,6 +70,18 @@ class LargeReadAssociationSocket(AssociationSocket):
                 return buffer
             received += count
         return buffer
+
+
+def allowed_callers(config: NodeConfig) -> list[CallerSettings]:
+    """Return the callers allowed to store: [[callers]] plus each query source from its host.
+
+    An empty list means that any caller may store. Query sources are added only to a
+    non-empty list, because a C-MOVE retrieve arrives as a C-STORE from the source's AE title.
+    """
+    if not config.callers:
+        return []
+    sources = [CallerSettings(ae_title=source.ae_title, host=source.host) for source in config.query_sources]
+    return [*config.callers, *sources]
 
 
 def _check_caller(calling_ae_title: str, peer_host: str, callers: list[CallerSettings]) -> bool:
@@ -186,7 +134,15 @@ class Receiver:
         self.metrics = metrics or NodeMetrics()
         self._server = None
         self._previous_tempdir: str | None = None
-        self._actor = f"receiver:{os.getpid()}"
+        self.ingest = InstanceIngest(
+            config,
+            store,
+            index,
+            hash_key,
+            actor=f"receiver:{os.getpid()}",
+            event_stage="receiver",
+            on_instance_stored=on_instance_stored,
+        )
         settings = config.node
         self._ssl_context = (
             server_context(settings.tls_certificate_file, settings.tls_private_key_file, settings.tls_ca_file)
@@ -308,7 +264,7 @@ class Receiver:
             reason = f"called AE title is not the node's own ({config.node.ae_title})"
             rejection = REJECT_CALLED_AE_NOT_RECOGNIZED
             metric_reason = "called_ae_title_not_recognized"
-        elif not _check_caller(calling_ae_title, peer_host, config.callers):
+        elif not _check_caller(calling_ae_title, peer_host, allowed_callers(config)):
             reason = (
                 f"calling AE title {calling_ae_title!r} from {peer_host} is not allowed; "
                 f"add a [[callers]] entry for it"
@@ -390,152 +346,18 @@ class Receiver:
         - PROCESSING_FAILURE (0x0110): an unexpected error while writing or indexing.
         """
         request = event.request
-        calling_ae_title = event.assoc.requestor.ae_title.strip()
-        log_context = {
-            "sop_instance_uid": str(request.AffectedSOPInstanceUID or ""),
-            "sop_class_uid": str(request.AffectedSOPClassUID or ""),
-            "calling_ae_title": calling_ae_title,
-            "peer_host": event.assoc.requestor.address,
-        }
-        with patient_identifiers_redacted():
-            try:
-                outcome = self._store(event, calling_ae_title)
-            except StoreRejected as rejection:
-                outcome = StoreOutcome(rejection.status, rejection.reason)
-            except Exception as exc:  # noqa: BLE001 - every failure must reach the peer as a status
-                log.error("receiver.store_failed", exc_info=exc, **log_context)
-                outcome = StoreOutcome(DimseStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
-
-            status_context = {"status": f"0x{outcome.status:04X}", "status_name": status_name(outcome.status)}
-            if outcome.status == DimseStatus.SUCCESS:
-                return DimseStatus.SUCCESS
-            if outcome.status != DimseStatus.PROCESSING_FAILURE:
-                log.warning("receiver.instance_rejected", reason=outcome.reason, **log_context, **status_context)
+        outcome = self.ingest.store_file(
+            Path(event.dataset_path),
+            str(request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+            calling_ae_title=event.assoc.requestor.ae_title.strip(),
+            peer_host=event.assoc.requestor.address,
+        )
+        if outcome.status == DimseStatus.SUCCESS:
+            self.metrics.instances_received.inc()
+        else:
             self.metrics.instances_rejected.labels(reason=status_name(outcome.status)).inc()
-            return _status_with_comment(outcome.status, outcome.reason)
-
-    def _store(self, event: evt.Event, calling_ae_title: str) -> StoreOutcome:
-        request = event.request
-        temporary_path = Path(event.dataset_path)
-        if not self.store.has_free_space():
-            raise StoreRejected(
-                DimseStatus.OUT_OF_RESOURCES,
-                f"free disk below the reserve of {self.config.node.free_disk_reserve_mb} MB",
-            )
-
-        try:
-            dataset = read_dataset_header(temporary_path)
-            # Bound before any element is decoded, so that no warning quotes a value unredacted.
-            bind_patient_identifiers(dataset)
-            header = header_from_dataset(dataset)
-        except UnreadableDatasetError as exc:
-            raise StoreRejected(DimseStatus.CANNOT_UNDERSTAND, str(exc)) from exc
-        self._check_identity(header, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
-
-        try:
-            relative_path = self.store.relative_path(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-            )
-        except InvalidUIDError as exc:
-            raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
-
-        # The file is committed before the index is queried for the SOP Instance UID, so the
-        # common case costs one index transaction. A copy at the same path fails the exclusive
-        # link below, and a copy indexed under other UIDs fails the unique index.
-        file_size = temporary_path.stat().st_size
-        try:
-            final_path = self.store.commit_file(temporary_path, relative_path)
-        except FileExistsError:
-            # The instance is stored already, or another association stored it a moment ago.
-            return self._store_duplicate(temporary_path, relative_path, header)
-
-        hashed_patient = patient_hash(self.hash_key, header.patient_id, header.issuer_of_patient_id)
-        try:
-            with self.index.transaction() as session:
-                record_instance(
-                    session,
-                    header,
-                    file_path=str(relative_path),
-                    file_size=file_size,
-                    calling_ae_title=calling_ae_title,
-                    patient_hash=hashed_patient,
-                    stable_after=dt.timedelta(seconds=self.config.node.study_stable_seconds),
-                    actor=self._actor,
-                )
-        except IntegrityError:
-            # The SOP Instance UID is indexed already: under other Study or Series Instance
-            # UIDs, so this copy landed at a new path, or by a concurrent association.
-            try:
-                return self._store_indexed_elsewhere(final_path, relative_path, header)
-            finally:
-                self.store.remove(relative_path)
-        except BaseException:
-            final_path.unlink(missing_ok=True)
-            raise
-
-        log.info(
-            "receiver.instance_stored",
-            sop_instance_uid=header.sop_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            study_instance_uid=header.study_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            calling_ae_title=calling_ae_title,
-            patient_hash=hashed_patient,
-            file_size=file_size,
-        )
-        self.metrics.instances_received.inc()
-        if self.on_instance_stored is not None:
-            self.on_instance_stored(header.study_instance_uid)
-        return StoreOutcome(DimseStatus.SUCCESS)
-
-    def _check_identity(self, header: InstanceHeader, request_sop_class_uid: str, request_sop_instance_uid: str) -> None:
-        for keyword, value in (
-            ("SOPClassUID", header.sop_class_uid),
-            ("SOPInstanceUID", header.sop_instance_uid),
-            ("StudyInstanceUID", header.study_instance_uid),
-            ("SeriesInstanceUID", header.series_instance_uid),
-        ):
-            if not value:
-                raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing")
-            try:
-                check_uid(keyword, value)
-            except InvalidUIDError as exc:
-                raise StoreRejected(DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
-        if header.sop_class_uid != request_sop_class_uid:
-            raise StoreRejected(
-                DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                f"SOPClassUID {header.sop_class_uid} differs from the request's {request_sop_class_uid}",
-            )
-        if header.sop_instance_uid != request_sop_instance_uid:
-            raise StoreRejected(
-                DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                f"SOPInstanceUID {header.sop_instance_uid} differs from the request's {request_sop_instance_uid}",
-            )
-        if header.sop_class_uid in SECONDARY_CAPTURE_SOP_CLASSES and header.modality not in SECONDARY_CAPTURE_MODALITIES:
-            raise StoreRejected(
-                DimseStatus.SOP_CLASS_NOT_SUPPORTED,
-                f"Secondary Capture is stored only with Modality CR or DX, not {header.modality or 'empty'}",
-            )
-
-    def _store_indexed_elsewhere(self, new_path: Path, relative_path: Path, header: InstanceHeader) -> StoreOutcome:
-        with self.index.transaction() as session:
-            existing = find_instance(session, header.sop_instance_uid)
-            existing_path = Path(existing.file_path) if existing is not None else None
-        if existing_path is None or existing_path == relative_path:
-            raise StoreRejected(DimseStatus.PROCESSING_FAILURE, "the same instance was being stored concurrently; retry")
-        return self._store_duplicate(new_path, existing_path, header)
-
-    def _store_duplicate(self, temporary_path: Path, existing_relative_path: Path, header: InstanceHeader) -> StoreOutcome:
-        existing_path = self.store.absolute(existing_relative_path)
-        same_content = existing_path.exists() and sha256_file(existing_path) == sha256_file(temporary_path)
-        if same_content:
-            log.info("receiver.duplicate_ignored", sop_instance_uid=header.sop_instance_uid)
-            return StoreOutcome(DimseStatus.SUCCESS)
-        raise StoreRejected(
-            DimseStatus.DUPLICATE_SOP_INSTANCE,
-            "an instance with this SOP Instance UID and different content is stored; the first copy is kept",
-        )
+        return outcome.response()
 
 
 def _discard_partial_dataset(assoc) -> None:
@@ -557,11 +379,3 @@ def _discard_partial_dataset(assoc) -> None:
         calling_ae_title=assoc.requestor.ae_title.strip(),
         peer_host=assoc.requestor.address,
     )
-
-
-def _status_with_comment(status: DimseStatus, reason: str) -> Dataset:
-    """Return a C-STORE response status with an Error Comment (LO, at most 64 characters)."""
-    response = Dataset()
-    response.Status = int(status)
-    response.ErrorComment = reason[:ERROR_COMMENT_MAX_LENGTH]
-    return response

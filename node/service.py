@@ -78,7 +78,14 @@ class NodeService:
         # waits for no poll interval. The polls remain for work from other processes.
         self.sender = Sender(config, self.index, self.store, metrics=self.metrics)
         self.worker = (
-            Worker(config, self.index, self.store, metrics=self.metrics, on_outbox_added=self.sender.wake)
+            Worker(
+                config,
+                self.index,
+                self.store,
+                hash_key=hash_key,
+                metrics=self.metrics,
+                on_outbox_added=self.sender.wake,
+            )
             if run_worker and config.worker.enabled
             else None
         )
@@ -141,6 +148,7 @@ class NodeService:
             data_dir=str(self.config.node.data_dir),
             worker=self.worker is not None,
             destinations=[destination.name for destination in self.config.destinations],
+            query_sources=[source.name for source in self.config.query_sources],
         )
 
     def stop(self) -> None:

@@ -191,6 +191,12 @@ class DraftReport:
         How the pixel data were converted for the model: a `DicomConversion` value.
     used_real_prior
         Whether the model read a prior study's image rather than the current image twice.
+    prior_retrieved_from
+        AE title of the PACS the prior study was retrieved from, or None when the node
+        received the prior itself. The Comparison section names it.
+    failed_prior_query_ae_titles
+        AE titles of the PACS where the query or retrieve of a prior failed or timed out. When
+        no prior is given, the Comparison section states that an earlier study may exist there.
     """
 
     findings_text: str
@@ -199,6 +205,8 @@ class DraftReport:
     is_demo_checkpoint: bool
     dicom_conversion: str
     used_real_prior: bool
+    prior_retrieved_from: str | None = None
+    failed_prior_query_ae_titles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -802,7 +810,7 @@ def _build_content_tree(
                 _image_item(SOURCE_IMAGE_FOR_PROCESSING, frontal_header),
             ],
         ),
-        _section(PREVIOUS_FINDINGS, _comparison_items(prior_header)),
+        _section(PREVIOUS_FINDINGS, _comparison_items(prior_header, report)),
         _section(
             FINDINGS,
             [
@@ -857,13 +865,18 @@ def _draft_statement(report: DraftReport) -> str:
     return statement
 
 
-def _comparison_items(prior_header: pydicom.Dataset | None) -> list:
+def _comparison_items(prior_header: pydicom.Dataset | None, report: DraftReport) -> list:
     contains = RelationshipTypeValues.CONTAINS
     if prior_header is None:
-        text = (
-            "No prior chest study of this patient was available for comparison. The model was "
-            "given the current image in place of a prior image, so the draft cannot describe "
-            "change over time."
+        text = "No prior chest study of this patient was available for comparison."
+        if report.failed_prior_query_ae_titles:
+            text += (
+                f" The search for an earlier study at PACS {', '.join(report.failed_prior_query_ae_titles)} "
+                "failed, so an earlier study may exist there."
+            )
+        text += (
+            " The model was given the current image in place of a prior image, so the draft "
+            "cannot describe change over time."
         )
         return [TextContentItem(COMMENT, text, relationship_type=contains)]
     accession_number = str(prior_header.get("AccessionNumber", "") or "").strip()
@@ -875,6 +888,8 @@ def _comparison_items(prior_header: pydicom.Dataset | None) -> list:
         f"Compared with the prior chest study of {_study_datetime_text(prior_header)} "
         f"({study_name}). The model read its {_view_name(prior_header)} image."
     )
+    if report.prior_retrieved_from:
+        text += f" The node retrieved this prior study from PACS {report.prior_retrieved_from}."
     return [
         TextContentItem(COMMENT, text, relationship_type=contains),
         _image_item(BASELINE, prior_header),

@@ -2,7 +2,8 @@
 
 The deadline of each study is a column of the index, pushed forward by every instance, so a
 restart loses none. An APScheduler job checks for passed deadlines; each stable study is
-routed and, when it qualifies, turned into a report job in the same transaction. On
+routed and, when it qualifies, turned into a report job in the same transaction. A study
+retrieved from a query source as a prior is routed too but never turned into a job. On
 PostgreSQL the study row is locked with SKIP LOCKED, so that exactly one process turns a
 study into a job when several receivers share the index.
 """
@@ -19,11 +20,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.config import NodeConfig
+from node.config import NodeConfig, RoutingSettings
 from node.index.models import Instance, JobState, ReportJob, Series, Study, StudyState, utc_now
 from node.index.session import IndexDatabase, record_audit
 from node.metrics import NodeMetrics
-from node.routing import RoutedImage, route_study
+from node.routing import RoutedImage, RoutingDecision, route_study
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,40 @@ def _routed_images(session: Session, study: Study) -> list[RoutedImage]:
         )
         for instance, series in rows
     ]
+
+
+def route_retrieved_prior(session: Session, study: Study, settings: RoutingSettings, actor: str) -> RoutingDecision:
+    """Route a study retrieved from a query source: store its frontal image, never queue a job.
+
+    The study ends SKIPPED with a reason that names its source. Its frontal image, when
+    routing finds one, makes it usable by the prior lookup.
+    """
+    decision = route_study(_routed_images(session, study), study.study_description, settings)
+    previous_state = study.state.value
+    study.stable_deadline = None
+    study.frontal_sop_instance_uid = decision.frontal_sop_instance_uid
+    study.frontal_reason = decision.frontal_reason
+    study.state = StudyState.SKIPPED
+    usable = "usable as a prior" if decision.is_reported else f"not usable as a prior: {decision.reason}"
+    study.state_reason = f"prior study retrieved from {study.retrieved_from}; never reported; {usable}"
+    record_audit(
+        session,
+        entity="study",
+        entity_id=study.id,
+        from_state=previous_state,
+        to_state=study.state.value,
+        actor=actor,
+        reason=study.state_reason,
+        study_instance_uid=study.study_instance_uid,
+    )
+    log.info(
+        "study.prior_routed",
+        study_instance_uid=study.study_instance_uid,
+        retrieved_from=study.retrieved_from,
+        frontal_sop_instance_uid=decision.frontal_sop_instance_uid,
+        reason=decision.reason,
+    )
+    return decision
 
 
 class StabilityTimer:
@@ -161,6 +196,9 @@ class StabilityTimer:
 
     def _route(self, session: Session, study: Study) -> bool:
         """Route one study; return True when it was queued for a report."""
+        if study.retrieved_from is not None:
+            route_retrieved_prior(session, study, self.config.routing, self._actor)
+            return False
         decision = route_study(_routed_images(session, study), study.study_description, self.config.routing)
         previous_state = study.state.value
         study.stable_deadline = None

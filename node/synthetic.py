@@ -12,7 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.receiver import COMPUTED_RADIOGRAPHY_IMAGE_STORAGE
+from node.ingest import COMPUTED_RADIOGRAPHY_IMAGE_STORAGE
 
 SYNTHETIC_LABEL = "SYNTHETIC IMAGE - NOT A PATIENT"
 

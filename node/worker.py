@@ -4,12 +4,16 @@ Each job is a database row claimed under a lease, which a heartbeat extends whil
 runs. When a worker crashes, its lease expires and another claim picks the job up again. The SR
 files, their index rows, one outbox entry per destination and the job's completion are
 committed in one transaction, so a crash never leaves a half-reported study. A job that
-fails `max_attempts` times is marked failed with its error and stays visible.
+fails `max_attempts` times is marked failed with its error and stays visible. When the index
+contains no prior study and query sources are configured, the job first searches them
+(`node.prior_retrieval`). A failing source costs at most its timeouts, and the job goes on
+without a prior.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import threading
@@ -42,6 +46,9 @@ from node.index.leases import is_dead_local_owner, lease_owner_name
 from node.index.session import IndexDatabase, record_audit
 from node.log_config import bind_patient_identifiers, patient_identifiers_redacted, redact_patient_identifiers
 from node.metrics import NodeMetrics
+from node.log_config import load_or_create_hash_key
+from node.prior_query import PriorSearchRequest
+from node.prior_retrieval import PriorRetriever
 from node.priors import find_prior_study
 from node.sr_builder import DeviceIdentity, DraftReport, SRDocumentClass, build_draft_sr
 from node.store import FileStore
@@ -85,6 +92,8 @@ class ReportInputs:
     prior_study_instance_uid: str | None
     prior_frontal_path: Path | None
     predecessor_paths: dict[str, Path]
+    prior_retrieved_from: str | None = None
+    failed_prior_query_ae_titles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,9 @@ class Worker:
         The lease owner name written to claimed rows; host and process id by default.
     metrics
         Where job and model times and failed studies are recorded.
+    hash_key
+        The key of patient hashes, for priors retrieved with C-GET; read from `data_dir`
+        when None.
     """
 
     def __init__(
@@ -149,12 +161,17 @@ class Worker:
         worker_id: str | None = None,
         on_outbox_added: Callable[[], None] | None = None,
         metrics: NodeMetrics | None = None,
+        hash_key: bytes | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or NodeMetrics()
         self.index = index
         self.store = store
         self.worker_id = worker_id or lease_owner_name("worker")
+        self.prior_retriever = None
+        if config.query_sources:
+            hash_key = hash_key if hash_key is not None else load_or_create_hash_key(config.node.data_dir)
+            self.prior_retriever = PriorRetriever(config, index, store, hash_key, actor=self.worker_id)
         self.generator = None
         self.device = DeviceIdentity(
             device_uid=load_or_create_device_uid(config.node.data_dir),
@@ -440,6 +457,23 @@ class Worker:
                 log.warning("worker.heartbeat_failed", exc_info=exc)
 
     def _resolve_inputs(self, job_id: int) -> ReportInputs:
+        """Read the job's images from the index; without a prior there, search the query sources.
+
+        The search runs outside any index transaction: a C-MOVE delivers the prior through
+        the receiver, which must be able to write to the index meanwhile. The job's lease
+        heartbeat keeps running while the search waits for the PACS.
+        """
+        inputs, search_request = self._read_inputs(job_id)
+        if inputs.prior_frontal_path is not None or self.prior_retriever is None or search_request is None:
+            return inputs
+        # The query sends the patient's identifiers, so they are bound for redaction first.
+        bind_patient_identifiers(pydicom.dcmread(inputs.current_frontal_path, stop_before_pixels=True))
+        result = self.prior_retriever.search(search_request)
+        if result.retrieved_study_instance_uid is not None:
+            inputs, _ = self._read_inputs(job_id)
+        return dataclasses.replace(inputs, failed_prior_query_ae_titles=result.failed_ae_titles)
+
+    def _read_inputs(self, job_id: int) -> tuple[ReportInputs, PriorSearchRequest | None]:
         with self.index.transaction() as session:
             job = session.get(ReportJob, job_id)
             study = job.study
@@ -456,6 +490,17 @@ class Worker:
 
             prior = find_prior_study(session, study, self.config.node.max_prior_age_days)
             prior_path = None
+            search_request = None
+            if prior is None and study.patient.patient_id:
+                search_request = PriorSearchRequest(
+                    study_instance_uid=study.study_instance_uid,
+                    patient_fk=study.patient_fk,
+                    patient_id=study.patient.patient_id,
+                    issuer_of_patient_id=study.patient.issuer_of_patient_id,
+                    patient_hash=study.patient.patient_hash,
+                    study_date=study.study_date,
+                    study_time=study.study_time,
+                )
             if prior is not None:
                 prior_instance = session.scalars(
                     select(Instance).where(Instance.sop_instance_uid == prior.frontal_sop_instance_uid)
@@ -480,7 +525,8 @@ class Worker:
                 prior_study_instance_uid=prior.study_instance_uid if prior_path else None,
                 prior_frontal_path=prior_path,
                 predecessor_paths=predecessors,
-            )
+                prior_retrieved_from=prior.retrieved_from if prior_path else None,
+            ), search_request
 
     def _prepare_job(self, job_id: int) -> PreparedJob:
         """Resolve a job's files from the index and read its frontal images."""
@@ -526,6 +572,8 @@ class Worker:
             is_demo_checkpoint=generated.is_demo_checkpoint,
             dicom_conversion=generated.dicom_conversion,
             used_real_prior=generated.used_real_prior,
+            prior_retrieved_from=inputs.prior_retrieved_from,
+            failed_prior_query_ae_titles=() if inputs.prior_frontal_path else inputs.failed_prior_query_ae_titles,
         )
         current_evidence = [
             current_frontal if path == inputs.current_frontal_path else pydicom.dcmread(path, stop_before_pixels=True)

@@ -126,6 +126,9 @@ class Study(Base):
     # Set by routing when the study is a chest radiograph study with a frontal image.
     frontal_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     frontal_reason: Mapped[str] = mapped_column(Text, default="")
+    # AE title of the query source this study was retrieved from as a prior, or None for a
+    # study the node received. The stable timer never queues a report job for such a study.
+    retrieved_from: Mapped[str | None] = mapped_column(String(16))
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")

@@ -1,4 +1,8 @@
-"""Index writes made by the receiver: one instance with its patient, study and series rows."""
+"""Index writes made by the receiver: one instance with its patient, study and series rows.
+
+Also the placeholder study row that the prior retrieval writes before it requests a prior
+image from a PACS, so that the image is marked as retrieved from its first moment in the index.
+"""
 
 from __future__ import annotations
 
@@ -99,6 +103,8 @@ def record_instance(
             reason="first instance received",
             study_instance_uid=study.study_instance_uid,
         )
+    elif study.instance_count == 0:
+        _adopt_first_instance(session, study, patient, header, actor)
     elif study.state in _REOPENED_STATES:
         record_audit(
             session,
@@ -165,3 +171,101 @@ def record_instance(
     study.last_received_at = now
     study.stable_deadline = now + stable_after
     return study
+
+
+def _adopt_first_instance(session: Session, study: Study, patient: Patient, header: InstanceHeader, actor: str) -> None:
+    """Fill a placeholder study row (see `create_retrieval_placeholder`) from its first instance.
+
+    The patient and study attributes come from the instance, never from the C-FIND match
+    that made the placeholder, so a prior is matched on what the PACS really sent.
+    """
+    study.patient = patient
+    study.patient_name = header.patient_name
+    study.study_date = header.study_date
+    study.study_time = header.study_time
+    study.accession_number = header.accession_number
+    study.study_description = header.study_description
+    record_audit(
+        session,
+        entity="study",
+        entity_id=study.id,
+        from_state=study.state.value,
+        to_state=StudyState.RECEIVING.value,
+        actor=actor,
+        reason=f"first instance received; prior study retrieved from {study.retrieved_from}",
+        study_instance_uid=study.study_instance_uid,
+    )
+    study.state = StudyState.RECEIVING
+    study.state_reason = ""
+
+
+def create_retrieval_placeholder(
+    session: Session, study_instance_uid: str, patient_fk: int, retrieved_from: str, actor: str
+) -> Study:
+    """Add or reuse the study row of a prior about to be retrieved, marked with its source.
+
+    The row has no instances and no stable deadline, so the stable timer leaves it alone
+    until an instance arrives. A row of a study that already has instances is returned
+    unchanged.
+
+    Parameters
+    ----------
+    study_instance_uid
+        The prior study to be retrieved.
+    patient_fk
+        The current study's patient row, replaced by the first instance's patient.
+    retrieved_from
+        AE title of the query source, stored in `Study.retrieved_from`.
+    actor
+        The actor named in the audit row.
+    """
+    study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()
+    if study is not None:
+        if study.instance_count == 0:
+            study.retrieved_from = retrieved_from
+            study.state_reason = f"prior study being retrieved from {retrieved_from}"
+        return study
+    study = Study(
+        study_instance_uid=study_instance_uid,
+        patient_fk=patient_fk,
+        state=StudyState.SKIPPED,
+        state_reason=f"prior study being retrieved from {retrieved_from}",
+        retrieved_from=retrieved_from,
+        stable_deadline=None,
+        instance_count=0,
+    )
+    session.add(study)
+    session.flush()
+    record_audit(
+        session,
+        entity="study",
+        entity_id=study.id,
+        to_state=StudyState.SKIPPED.value,
+        actor=actor,
+        reason=study.state_reason,
+        study_instance_uid=study_instance_uid,
+    )
+    return study
+
+
+def record_retrieval_failed(session: Session, study_instance_uid: str, reason: str, actor: str) -> None:
+    """Record on a placeholder row that its retrieve failed; a row with instances is left alone.
+
+    The row is kept, not deleted, because a C-MOVE of another job for the same study may still
+    deliver its image, which must then find the study marked as retrieved. A later search
+    retrieves into the same row.
+    """
+    study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()
+    if study is None or study.instance_count != 0:
+        return
+    study.state_reason = f"prior retrieve from {study.retrieved_from} failed: {reason}"
+    record_audit(
+        session,
+        entity="study",
+        entity_id=study.id,
+        from_state=study.state.value,
+        to_state=study.state.value,
+        actor=actor,
+        reason=study.state_reason,
+        study_instance_uid=study_instance_uid,
+    )

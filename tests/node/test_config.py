@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,51 @@ def test_config_invalid_toml_is_reported(tmp_path):
         ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h"}]}, "destinations.0.port: required key is missing"),
         ({"destinations": [{"name": "p", "ae_title": "PACS", "host": "h", "port": 1, "sr_class": "pdf"}]}, "destinations.0.sr_class = 'pdf'"),
         ({"model": {"device": "gpu"}}, "'gpu' is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (
+            {"query_sources": [{"name": "q", "ae_title": "Q", "host": "h", "port": 1, "retrieve_method": "ftp"}]},
+            "query_sources.0.retrieve_method = 'ftp'",
+        ),
+        (
+            {"query_sources": [{"name": "q", "ae_title": "Q", "host": "h", "port": 1, "query_timeout_seconds": 0}]},
+            "query_sources.0.query_timeout_seconds = 0",
+        ),
+        ({"query_sources": [{"name": "q", "ae_title": "Q", "host": "h"}]}, "query_sources.0.port: required key is missing"),
     ],
 )
 def test_config_invalid_value_names_key(document, expected):
     with pytest.raises(ConfigError) as raised:
         parse_config(document)
     assert expected in str(raised.value)
+
+
+def test_config_query_sources_default_none():
+    config = load_config(REPO_ROOT / "config" / "node.toml")
+    assert config.query_sources == []
+
+
+def test_config_query_source_example_parses():
+    lines = (REPO_ROOT / "config" / "node.toml").read_text().splitlines()
+    start = lines.index("# [[query_sources]]")
+    end = lines.index("", start)
+    example = "\n".join(line.removeprefix("# ") for line in lines[start:end])
+    config = parse_config(tomllib.loads(example))
+    assert config.query_sources[0].name == "pacs"
+    assert config.query_sources[0].max_studies == 10
+
+
+def test_config_query_source_defaults():
+    config = parse_config({"query_sources": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}]})
+    source = config.query_sources[0]
+    assert source.retrieve_method.value == "move"
+    assert source.query_timeout_seconds == 10
+    assert source.retrieve_timeout_seconds == 60
+    assert source.max_studies == 10
+
+
+def test_config_duplicate_query_source_names_rejected():
+    source = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    with pytest.raises(ConfigError, match="query source names must be unique; repeated: pacs"):
+        parse_config({"query_sources": [source, source]})
 
 
 def test_config_duplicate_destination_names_rejected():

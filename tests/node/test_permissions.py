@@ -50,13 +50,13 @@ def test_permissions_data_dir_owner_only(make_node, tmp_path, permissive_umask):
     data_dir = tmp_path / "node"
     node = make_node(data_dir=data_dir)
     temporary_file_modes = []
-    original_store = node.receiver._store
+    original_store_file = node.receiver.ingest.store_file
 
-    def store_recording_temporary_mode(event, calling_ae_title):
-        temporary_file_modes.append(stat.S_IMODE(os.stat(event.dataset_path).st_mode))
-        return original_store(event, calling_ae_title)
+    def store_file_recording_temporary_mode(temporary_path, *args, **kwargs):
+        temporary_file_modes.append(stat.S_IMODE(os.stat(temporary_path).st_mode))
+        return original_store_file(temporary_path, *args, **kwargs)
 
-    node.receiver._store = store_recording_temporary_mode
+    node.receiver.ingest.store_file = store_file_recording_temporary_mode
     assert dcmsend(node.receiver.port, CHEST_PA_JPEG_BASELINE).returncode == 0
 
     def reported():

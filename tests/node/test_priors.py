@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from structlog.testing import capture_logs
 
-from node.index.models import Patient, Study, StudyState
+from node.index.models import Instance, Patient, Series, Study, StudyState
 from node.index.session import IndexDatabase
 from node.priors import find_prior_study, study_datetime
 
@@ -18,7 +20,7 @@ def index(tmp_path):
     database.dispose()
 
 
-def _add_study(session, patient, uid, date, time="120000", name="DOE^JANE", frontal=True):
+def _add_study(session, patient, uid, date, time="120000", name="DOE^JANE", frontal=True, removed_at=None):
     study = Study(
         study_instance_uid=uid,
         patient_fk=patient.id,
@@ -30,6 +32,23 @@ def _add_study(session, patient, uid, date, time="120000", name="DOE^JANE", fron
     )
     session.add(study)
     session.flush()
+    if frontal:
+        series = Series(series_instance_uid=f"{uid}.9", study_fk=study.id, modality="CR")
+        session.add(series)
+        session.flush()
+        session.add(
+            Instance(
+                sop_instance_uid=f"{uid}.1",
+                series_fk=series.id,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                file_path=f"{uid}.dcm",
+                file_size=1,
+                sha256="",
+                removed_at=removed_at,
+            )
+        )
+        session.flush()
     return study
 
 
@@ -73,6 +92,15 @@ def test_prior_non_chest_study_not_used(index):
         _add_study(session, patient, "1.1", "20250101", frontal=False)
         current = _add_study(session, patient, "1.3", "20260101")
         assert find_prior_study(session, current, 3650) is None
+
+
+def test_prior_removed_by_retention_not_used(index):
+    with index.transaction() as session:
+        patient = _patient(session)
+        _add_study(session, patient, "1.1", "20240101")
+        _add_study(session, patient, "1.2", "20250101", removed_at=dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc))
+        current = _add_study(session, patient, "1.3", "20260101")
+        assert find_prior_study(session, current, 3650).study_instance_uid == "1.1"
 
 
 def test_prior_other_issuer_not_used(index):

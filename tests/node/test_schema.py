@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from node.config import parse_config
 from node.index import schema
@@ -73,3 +75,49 @@ def test_node_refuses_outdated_schema(empty_database, tmp_path):
     )
     with pytest.raises(schema.SchemaOutdatedError, match="libra-node db upgrade"):
         NodeService(config)
+
+
+def _insert_study(database: IndexDatabase) -> None:
+    with database.engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO patients (id, patient_id, issuer_of_patient_id, patient_hash) VALUES (1, 'P1', '', 'h')")
+        )
+        connection.execute(
+            text(
+                "INSERT INTO studies (id, study_instance_uid, patient_fk, patient_name, study_date, study_time, "
+                "accession_number, study_description, state, state_reason, first_received_at, last_received_at, "
+                "instance_count, frontal_reason) VALUES (1, '1.2.3', 1, '', '20200101', '', '', '', 'sent', '', "
+                "'2020-01-01 00:00:00+00', '2020-01-01 00:00:00+00', 1, '')"
+            )
+        )
+
+
+def _study_columns(database: IndexDatabase) -> set[str]:
+    return {column["name"] for column in inspect(database.engine).get_columns("studies")}
+
+
+def test_schema_0003_adds_retrieved_from_keeping_rows(empty_database):
+    schema.upgrade(empty_database.engine, "0002_removed_files")
+    _insert_study(empty_database)
+    assert "retrieved_from" not in _study_columns(empty_database)
+
+    schema.upgrade(empty_database.engine, "0003")
+    with empty_database.engine.connect() as connection:
+        rows = connection.execute(text("SELECT study_instance_uid, retrieved_from FROM studies")).all()
+    assert rows == [("1.2.3", None)]
+
+
+def test_schema_0003_downgrade_keeps_rows(empty_database):
+    schema.upgrade(empty_database.engine, "0003")
+    _insert_study(empty_database)
+    schema.downgrade(empty_database.engine, "0002_removed_files")
+    assert "retrieved_from" not in _study_columns(empty_database)
+    with empty_database.engine.connect() as connection:
+        assert connection.execute(text("SELECT study_instance_uid FROM studies")).scalars().all() == ["1.2.3"]
+
+
+def test_schema_head_has_no_autogenerate_differences(empty_database):
+    schema.upgrade(empty_database.engine)
+    with empty_database.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == []

@@ -8,6 +8,7 @@ Study Date, as the shared data README describes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import subprocess
 from pathlib import Path
@@ -605,6 +606,38 @@ def test_sr_builder_comparison_uid_without_accession():
 def test_sr_builder_comparison_says_no_prior():
     comparison = section_items(build_example_sr(with_prior=False), PREVIOUS_FINDINGS)[0].TextValue
     assert comparison.startswith("No prior chest study")
+
+
+def test_sr_builder_comparison_names_retrieving_pacs():
+    evidence = current_study()
+    report = dataclasses.replace(make_report(), prior_retrieved_from="PACS_QR")
+    sr = build_draft_sr(
+        evidence, evidence[0], make_prior(evidence[0]), report, DEVICE,
+        series_instance_uid=generate_uid(), series_number=901,
+        series_description="Libra findings", sop_instance_uid=generate_uid(),
+    )
+    comparison = section_items(sr, PREVIOUS_FINDINGS)[0].TextValue
+    assert comparison.endswith("The node retrieved this prior study from PACS PACS_QR.")
+
+
+def test_sr_builder_comparison_names_failed_query():
+    evidence = current_study()
+    report = dataclasses.replace(
+        make_report(used_real_prior=False), failed_prior_query_ae_titles=("PACS_A", "PACS_B")
+    )
+    sr = build_draft_sr(
+        evidence, evidence[0], None, report, DEVICE,
+        series_instance_uid=generate_uid(), series_number=901,
+        series_description="Libra findings", sop_instance_uid=generate_uid(),
+    )
+    comparison = section_items(sr, PREVIOUS_FINDINGS)[0].TextValue
+    assert comparison.startswith("No prior chest study")
+    assert "The search for an earlier study at PACS PACS_A, PACS_B failed" in comparison
+
+
+def test_sr_builder_comparison_without_failure_names_no_pacs():
+    comparison = section_items(build_example_sr(with_prior=False), PREVIOUS_FINDINGS)[0].TextValue
+    assert "PACS" not in comparison
 
 
 def test_sr_builder_procedure_default_chest_x_ray():
