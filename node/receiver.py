@@ -24,6 +24,7 @@ from pynetdicom.transport import AssociationSocket
 from node.config import CallerSettings, NodeConfig
 from node.dimse_status import DimseStatus, status_name
 from node.index.session import IndexDatabase
+from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
 # The storage SOP classes and transfer syntaxes are defined with the C-STORE checks in
 # node.ingest and re-exported here, where the presentation contexts are built.
@@ -38,7 +39,6 @@ from node.ingest import (  # noqa: F401
 )
 from node.metrics import NodeMetrics
 from node.store import FileStore
-from node.tls import TLSHandshakeError, complete_server_handshake, server_context
 
 log = structlog.get_logger(__name__)
 

@@ -52,11 +52,11 @@ def test_permissions_data_dir_owner_only(make_node, tmp_path, permissive_umask):
     temporary_file_modes = []
     original_store_file = node.receiver.ingest.store_file
 
-    def store_file_recording_temporary_mode(temporary_path, *args, **kwargs):
+    def store_recording_temporary_mode(temporary_path, *args, **kwargs):
         temporary_file_modes.append(stat.S_IMODE(os.stat(temporary_path).st_mode))
         return original_store_file(temporary_path, *args, **kwargs)
 
-    node.receiver.ingest.store_file = store_file_recording_temporary_mode
+    node.receiver.ingest.store_file = store_recording_temporary_mode
     assert dcmsend(node.receiver.port, CHEST_PA_JPEG_BASELINE).returncode == 0
 
     def reported():
