@@ -185,8 +185,12 @@ class RetrieveMethod(str, Enum):
     """C-GET: the PACS sends the image back on the node's association (SCP/SCU role selection)."""
 
 
-class QuerySourceSettings(_Section):
-    """One `[[query_sources]]` entry: a PACS queried for prior studies (Study Root C-FIND)."""
+class QuerySourceSettings(_TLSFiles):
+    """One `[[query_sources]]` entry: a PACS queried for prior studies (Study Root C-FIND).
+
+    With `tls = true` the queries and retrieves run over DICOM TLS, checked as for a
+    destination. A C-MOVE still arrives on the node's own listener.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: AETitle
@@ -196,6 +200,14 @@ class QuerySourceSettings(_Section):
     query_timeout_seconds: float = Field(default=10.0, gt=0)
     retrieve_timeout_seconds: float = Field(default=60.0, gt=0)
     max_studies: int = Field(default=10, ge=1, le=1000)
+    tls_server_hostname: str = ""
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "QuerySourceSettings":
+        self._check_tls_keys(f"query source {self.name!r}: ", certificate_required=False)
+        if self.tls_server_hostname and not self.tls:
+            raise ValueError(f"query source {self.name!r}: tls_server_hostname set but tls = false")
+        return self
 
 
 class ModelSettings(_Section):
@@ -341,7 +353,8 @@ class NodeConfig(_Section):
             destination.model_copy(update=destination._resolved_tls_files(base_dir))
             for destination in self.destinations
         ]
-        return self.model_copy(update={"node": node, "destinations": destinations})
+        query_sources = [source.model_copy(update=source._resolved_tls_files(base_dir)) for source in self.query_sources]
+        return self.model_copy(update={"node": node, "destinations": destinations, "query_sources": query_sources})
 
     @property
     def database_url(self) -> str:

@@ -51,6 +51,7 @@ from node.query_retrieve import (
 )
 from node.stability import route_retrieved_prior
 from node.store import FileStore
+from node.tls import peer_context
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +95,10 @@ class PriorRetriever:
         self.actor = actor
         self.modalities = sorted({modality.upper() for modality in config.routing.modalities})
         self.ingest = InstanceIngest(config, store, index, hash_key, actor=actor, event_stage="prior_retrieval")
+        for source in config.query_sources:
+            if source.tls:
+                # Built once here so that a missing or invalid file stops the node at start.
+                peer_context(source)
 
     # -- search ------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (
 from node.config import QuerySourceSettings, RetrieveMethod
 from node.dimse_status import DimseStatus, QueryRetrieveStatus, query_retrieve_status_name
 from node.ingest import ACCEPTED_STORAGE_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
+from node.tls import TLSConfigError, peer_context
 
 PENDING_STATUSES = frozenset({QueryRetrieveStatus.PENDING, QueryRetrieveStatus.PENDING_WITH_WARNING})
 
@@ -143,15 +144,24 @@ class QuerySourceClient:
         ae.connection_timeout = timeout_seconds
         roles = [build_role(sop_class_uid, scp_role=True) for sop_class_uid in scp_role_sop_classes]
         handlers = [(evt.EVT_C_STORE, store_handler)] if store_handler is not None else []
+        tls_context = None
+        if self.source.tls:
+            try:
+                tls_context = peer_context(self.source)
+            except TLSConfigError as exc:
+                raise QueryRetrieveError(f"TLS configuration invalid: {exc}") from exc
         assoc = ae.associate(
             self.source.host,
             self.source.port,
             ae_title=self.source.ae_title,
             ext_neg=roles or None,
             evt_handlers=handlers or None,
+            tls_args=(tls_context, self.source.tls_server_hostname or self.source.host) if tls_context else None,
         )
         if assoc.is_established:
             return assoc
+        if tls_context is not None and tls_context.handshake_error:
+            raise QueryRetrieveError(f"TLS handshake with {self.peer} failed: {tls_context.handshake_error}")
         if assoc.is_rejected:
             raise QueryRetrieveError(
                 f"{self.peer} rejected the association from {self.calling_ae_title}; "

@@ -37,7 +37,7 @@ from node.index.session import IndexDatabase, record_audit
 from node.log_config import bind_patient_identifiers, patient_identifiers_redacted
 from node.metrics import NodeMetrics
 from node.store import FileStore
-from node.tls import TLSConfigError, destination_context
+from node.tls import TLSConfigError, peer_context
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +70,7 @@ def send_file(destination: DestinationSettings, path: Path, calling_ae_title: st
     tls_context = None
     if destination.tls:
         try:
-            tls_context = destination_context(destination)
+            tls_context = peer_context(destination)
         except TLSConfigError as exc:
             # Possible after a configuration reload; the start-up check covers the first load.
             return SendResult(False, None, f"TLS configuration invalid: {exc}")
@@ -139,7 +139,7 @@ class Sender:
         for destination in config.destinations:
             if destination.tls:
                 # Built once here so that a missing or invalid file stops the node at start.
-                destination_context(destination)
+                peer_context(destination)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

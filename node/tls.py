@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from node.config import ConfigError, DestinationSettings
+from node.config import ConfigError, DestinationSettings, QuerySourceSettings
 
 log = structlog.get_logger(__name__)
 
@@ -175,8 +175,8 @@ class _HandshakeRecordingSocket(ssl.SSLSocket):
             raise
 
 
-def destination_context(destination: DestinationSettings) -> ssl.SSLContext:
-    """Build a fresh client context for one association with a TLS destination.
+def peer_context(peer: DestinationSettings | QuerySourceSettings) -> ssl.SSLContext:
+    """Build a fresh client context for one association with a TLS destination or query source.
 
     The files are read on every call, so renewed certificates take effect without a
     restart. After a failed association, the context's `handshake_error` attribute contains
@@ -185,13 +185,15 @@ def destination_context(destination: DestinationSettings) -> ssl.SSLContext:
     Raises
     ------
     TLSConfigError
-        When a file is missing or cannot be loaded; the message names the destination.
+        When a file is missing or cannot be loaded; the message names the destination or
+        query source.
     """
+    kind = "query source" if isinstance(peer, QuerySourceSettings) else "destination"
     context = client_context(
-        destination.tls_ca_file,
-        destination.tls_certificate_file,
-        destination.tls_private_key_file,
-        section=f"destination {destination.name!r}:",
+        peer.tls_ca_file,
+        peer.tls_certificate_file,
+        peer.tls_private_key_file,
+        section=f"{kind} {peer.name!r}:",
     )
     context.sslsocket_class = _HandshakeRecordingSocket
     context.handshake_error = ""

@@ -472,6 +472,8 @@ class Worker:
         inputs, search_request = self._read_inputs(job_id)
         if inputs.prior_frontal_path is not None or self.prior_retriever is None or search_request is None:
             return inputs
+        # The query sends the patient's identifiers, so they are bound for redaction first.
+        bind_patient_identifiers(pydicom.dcmread(inputs.current_frontal_path, stop_before_pixels=True))
         result = self.prior_retriever.search(search_request)
         if result.retrieved_study_instance_uid is not None:
             inputs, _ = self._read_inputs(job_id)

@@ -22,9 +22,10 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-from node.config import ConfigError, DestinationSettings, load_config, parse_config
+from node.config import ConfigError, DestinationSettings, QuerySourceSettings, load_config, parse_config
 from node.dimse_status import DimseStatus
 from node.index.models import Instance, OutboxEntry, OutboxState
+from node.query_retrieve import Deadline, QueryRetrieveError, QuerySourceClient, release
 from node.sender import SR_STORAGE_SOP_CLASSES, send_file
 from node.service import NodeService
 from node.tls import TLSConfigError
@@ -227,10 +228,13 @@ def test_tls_config_relative_paths_resolved(tmp_path):
         '[node]\ntls = true\ntls_certificate_file = "tls/node.pem"\ntls_private_key_file = "tls/node.key"\n'
         '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
         'tls = true\ntls_ca_file = "tls/ca.pem"\n'
+        '[[query_sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+        'tls = true\ntls_ca_file = "tls/query-ca.pem"\n'
     )
     config = load_config(config_path)
     assert config.node.tls_certificate_file == tmp_path / "tls" / "node.pem"
     assert config.destinations[0].tls_ca_file == tmp_path / "tls" / "ca.pem"
+    assert config.query_sources[0].tls_ca_file == tmp_path / "tls" / "query-ca.pem"
 
 
 def test_tls_missing_key_file_stops_node(tmp_path, pki):
@@ -276,7 +280,7 @@ def test_tls_private_key_readable_by_others_warned(tmp_path, pki):
 
 @dataclass
 class TLSStorageSCP:
-    """A pynetdicom Storage SCP for SR classes on a TLS port, recording what it received."""
+    """A pynetdicom Verification and Storage SCP for SR classes on a TLS port, recording what it received."""
 
     port: int
     received: list[Dataset] = field(default_factory=list)
@@ -302,6 +306,7 @@ def tls_storage_scp(pki):
             return 0x0000
 
         ae = AE(ae_title=SCP_AE_TITLE)
+        ae.add_supported_context(Verification)
         for sop_class in SR_STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class)
         servers.append(
@@ -440,3 +445,28 @@ def test_tls_in_and_out_sr_reaches_orthanc(make_node, pki, tmp_path):
         assert srs[0]["StudyInstanceUID"] == str(source.StudyInstanceUID)
     finally:
         orthanc.stop()
+
+
+# --- Query sources (prior retrieval) ----------------------------------------------------------
+
+
+def tls_query_source(port: int, **settings) -> QuerySourceSettings:
+    return QuerySourceSettings(name="tls_pacs", ae_title=SCP_AE_TITLE, host="127.0.0.1", port=port, tls=True, **settings)
+
+
+def test_query_source_tls_association_established(tls_storage_scp, pki):
+    scp = tls_storage_scp()
+    client = QuerySourceClient(tls_query_source(scp.port, tls_ca_file=pki.ca_file), NODE_AE_TITLE)
+    assoc = client.associate([(Verification, None)], Deadline(15))
+    try:
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == DimseStatus.SUCCESS
+    finally:
+        release(assoc)
+
+
+def test_query_source_tls_wrong_ca_rejected(tls_storage_scp, pki):
+    scp = tls_storage_scp()
+    client = QuerySourceClient(tls_query_source(scp.port, tls_ca_file=pki.other_ca_file), NODE_AE_TITLE)
+    with pytest.raises(QueryRetrieveError, match="TLS handshake .* certificate verify failed"):
+        client.associate([(Verification, None)], Deadline(15))
