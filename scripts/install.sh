@@ -13,7 +13,7 @@ with_tests=0
 
 debian_packages=(dcmtk orthanc)
 # chromium and chromium-driver run the status page test in a headless browser.
-[ "$with_tests" = 1 ] && debian_packages+=(dicom3tools chromium chromium-driver)
+[ "$with_tests" = 1 ] && debian_packages+=(dicom3tools chromium chromium-driver openssl)
 
 missing=()
 for package in "${debian_packages[@]}"; do
