@@ -2,7 +2,7 @@
 
 Everything runs on loopback ports chosen at start: Orthanc as the PACS when it is installed,
 otherwise a pynetdicom storage SCP. The node uses the tiny random demo checkpoint, so the
-findings text is meaningless; the SR says so.
+findings text is meaningless, and the SR states this.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def _wait_for_srs(pacs, count: int, timeout_seconds: float) -> list[tuple[str, b
         if len(found) >= count:
             return found
         time.sleep(0.5)
-    raise TimeoutError(f"the PACS holds fewer than {count} SRs after {timeout_seconds:.0f} s")
+    raise TimeoutError(f"the PACS contains fewer than {count} SRs after {timeout_seconds:.0f} s")
 
 
 def _find_sr_of_study(srs: list[tuple[str, bytes]], study_instance_uid: str) -> tuple[str, pydicom.Dataset]:

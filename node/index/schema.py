@@ -30,7 +30,7 @@ def _alembic_config(engine: Engine, connection=None) -> Config:
 
 
 def head_revision() -> str:
-    """Return the newest revision the code knows."""
+    """Return the newest revision in the migrations folder."""
     return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
 
 

@@ -32,7 +32,7 @@ class NodeProcess:
         self.name = name
         self.command = command
         self.config_path = workdir / f"{name}.toml"
-        # Each start gets its own log, so a restart never sees the events of the process before it.
+        # Each start gets its own log, so a restart never reads the events of the process before it.
         self.log_path = workdir / f"{name}.log"
         restart_number = 1
         while self.log_path.exists():
@@ -62,7 +62,7 @@ class NodeProcess:
         return events
 
     def wait_for_event(self, event: str, timeout_seconds: float = 120, count: int = 1) -> list[dict]:
-        """Wait until the log holds `count` events named `event`; raise TimeoutError otherwise."""
+        """Wait until the log contains `count` events named `event`; raise TimeoutError otherwise."""
         deadline = time.monotonic() + timeout_seconds
         while True:
             found = [entry for entry in self.events() if entry.get("event") == event]
