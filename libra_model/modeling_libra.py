@@ -388,7 +388,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         Raises
         ------
         ValueError
-            If `input_ids` holds a placeholder but no image is given.
+            If `input_ids` contains a placeholder but no image is given.
         """
         has_placeholder = input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any())
         if has_placeholder:

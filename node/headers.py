@@ -2,7 +2,7 @@
 
 `read_instance_header` parses the whole data set except the values of large elements, and
 checks that the pixel data the file declares is really there, so a truncated data set is
-told apart from a complete one without loading the pixels into memory.
+distinguished from a complete one without loading the pixels into memory.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 An entry is marked sent only after the destination returned a success or warning status
 for the C-STORE. A refused association, a lost connection or a failure status schedules a
-retry after an exponentially growing wait; after `max_attempts` the entry is marked failed
+retry after an exponentially growing wait. After `max_attempts` the entry is marked failed
 with the last status and stays visible. Entries are claimed under a lease (SKIP LOCKED on
 PostgreSQL), so two senders never send one entry at the same time.
 """

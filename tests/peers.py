@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 CXR_DIR = SHARED_DIR / "data" / "cxr"
 
-# The shared files by role; see shared/data/cxr/README.md for their provenance.
+# The shared radiographs by role: chest PA in three compressed syntaxes, and three non-chest cases.
 CHEST_PA_JPEG_BASELINE = CXR_DIR / "siim_cr_chest_pa_mono2_8bit_jpegbaseline.dcm"
 CHEST_PA_J2K = CXR_DIR / "wg04_rg1_philips_cr_chest_pa_mono1_15bit_j2k.dcm"
 CHEST_PA_JPEGLS = CXR_DIR / "wg04_rg1_philips_cr_chest_pa_mono1_15bit_jpegls_nearlossless.dcm"

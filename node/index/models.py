@@ -63,7 +63,7 @@ def _enum_column(enum_class: type[enum.Enum]) -> Enum:
 
 
 class StudyState(str, enum.Enum):
-    """Where a study is in the pipeline."""
+    """The pipeline stage of a study."""
 
     RECEIVING = "receiving"  # instances arriving; the stable deadline is in the future
     QUEUED = "queued"  # stable and routed; a report job waits for a worker

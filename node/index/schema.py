@@ -53,7 +53,7 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def is_empty(engine: Engine) -> bool:
-    """Return True when the database holds no tables at all."""
+    """Return True when the database contains no tables at all."""
     return not inspect(engine).get_table_names()
 
 

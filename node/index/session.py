@@ -44,7 +44,7 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 class IndexNotFoundError(RuntimeError):
-    """The SQLite index file does not exist where the configuration says it is."""
+    """The SQLite index file does not exist at the path the configuration names."""
 
 
 class IndexDatabase:

@@ -67,7 +67,7 @@ def test_node_refuses_outdated_schema(empty_database, tmp_path):
         empty_database.engine.connect().close()
         schema.upgrade(empty_database.engine)
         schema.downgrade(empty_database.engine, "base")
-        # An unversioned database that holds a table is not empty, so it is not created over.
+        # An unversioned database that contains a table is not empty, so it is not created over.
         with empty_database.engine.begin() as connection:
             connection.exec_driver_sql("CREATE TABLE unrelated (id INTEGER)")
     config = parse_config(
